@@ -1,0 +1,99 @@
+"""The knobs of one quantization run (shared by the CLI, the worker and the SDK's job body)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SENSITIVITY_METHODS = ("auto", "hutchinson", "fisher", "frequency", "input-hessian", "weight-norm")
+ALLOCATORS = ("knapsack", "tiers")
+QUANTIZERS = ("rtn", "gptq")
+FORMATS = ("mopeq", "fake", "compressed-tensors", "gptq", "gguf-overrides")
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class Budget:
+    """Exactly one of ``avg_bits`` (mean bits per expert weight) or ``gb`` (whole model, 1e9 bytes)."""
+
+    avg_bits: float | None = None
+    gb: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.avg_bits is None) == (self.gb is None):
+            raise ValueError("give exactly one of avg_bits or gb")
+
+
+@dataclass
+class QuantizeConfig:
+    model: str
+    budget: Budget = field(default_factory=lambda: Budget(avg_bits=3.0))
+    revision: str | None = None
+    bits: tuple[int, ...] = (2, 3, 4)
+    sensitivity: Literal["auto", "hutchinson", "fisher", "frequency", "input-hessian", "weight-norm"] = "auto"
+    allocator: Literal["knapsack", "tiers"] = "knapsack"
+    scope: Literal["model", "layer"] = "model"
+    granularity: Literal["expert", "layer"] = "expert"
+    quantizer: Literal["rtn", "gptq"] = "gptq"
+    group_size: int = 128
+    symmetric: bool = True
+    act_order: bool = False
+    probes: int = 64
+    probe_tol: float = 0.02
+    calib_file: str | None = None
+    calib_samples: int = 32
+    seq_len: int = 256
+    calib_all_experts: bool = False
+    eval_file: str | None = None
+    eval_samples: int = 64
+    device: str = "cpu"
+    low_memory: bool = False
+    format: str = "mopeq"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    seed: int = 0
+    token: str | None = field(default=None, repr=False)  # never printed, never written to disk
+
+    def validate(self) -> None:
+        from .errors import UserInputError
+
+        def bad(msg: str) -> None:
+            raise UserInputError(msg)
+
+        if not self.bits or any(b not in SUPPORTED_BITS for b in self.bits):
+            bad(f"--bits must be a subset of {list(SUPPORTED_BITS)}, got {list(self.bits)}")
+        if len(set(self.bits)) != len(self.bits):
+            bad("--bits lists a width twice")
+        self.bits = tuple(sorted(self.bits))
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            bad(f"--sensitivity must be one of {', '.join(SENSITIVITY_METHODS)}")
+        if self.allocator not in ALLOCATORS:
+            bad(f"--allocator must be one of {', '.join(ALLOCATORS)}")
+        if self.quantizer not in QUANTIZERS:
+            bad(f"--quantizer must be one of {', '.join(QUANTIZERS)}")
+        if self.scope not in ("model", "layer"):
+            bad("--scope must be model or layer")
+        if self.granularity not in ("expert", "layer"):
+            bad("--granularity must be expert or layer")
+        if self.format not in FORMATS:
+            bad(f"--format must be one of {', '.join(FORMATS)}")
+        if not (8 <= self.group_size <= 8192) or self.group_size % 8:
+            bad("--group-size must be a multiple of 8 between 8 and 8192")
+        if not (1 <= self.probes <= 4096):
+            bad("--probes must be between 1 and 4096")
+        if not (1 <= self.calib_samples <= 100_000) or not (8 <= self.seq_len <= 32_768):
+            bad("--calib-samples must be 1..100000 and --seq-len 8..32768")
+        if self.budget.avg_bits is not None and not (1.0 <= self.budget.avg_bits <= 16.0):
+            bad("--avg-bits must be between 1 and 16")
+        if self.budget.gb is not None and not (self.budget.gb > 0):
+            bad("--budget-gb must be positive")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad("--device must be cpu or cuda")
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """Everything but secrets; what reports and model cards record."""
+        d = dataclasses.asdict(self)
+        d.pop("token", None)
+        d["bits"] = list(self.bits)
+        return d

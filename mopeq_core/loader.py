@@ -1,0 +1,230 @@
+"""``load_quantized(DIR)``: a transformers model whose experts stay packed in memory.
+
+The model skeleton is built with parameters on the meta device (buffers such as RoPE tables stay real), the
+non-expert weights are assigned from the artifact, and each experts module gets its packed codes as buffers plus a
+forward that dequantizes only the experts a batch routes to. Anything malformed raises ArtifactError naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifact import INDEX_NAME, packed_key
+from .errors import ArtifactError
+from .moe import ExpertGroup, find_expert_groups
+from .quantize import QuantizedMatrix, QuantSpec
+
+_PARTS = ("qweight", "scales", "qzeros")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """New nn.Parameters are created on the meta device; buffers are not (they hold computed constants)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _buffer_name(proj: str, expert: int, part: str) -> str:
+    return f"mopeq_{proj}_{expert}_{part}"
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    idx_file = path / INDEX_NAME
+    if not idx_file.is_file():
+        raise ArtifactError(f"{idx_file} is missing: {path} is not a complete MoPEQ artifact")
+    try:
+        index = json.loads(idx_file.read_text())
+        return dict(index["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{idx_file} is malformed: {exc}") from exc
+
+
+def _read_shards(path: Path, weight_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(set(weight_map.values())):
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{f} is missing (named in {INDEX_NAME})")
+        try:
+            part = load_file(str(f))
+        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
+            raise ArtifactError(f"{f} is not a readable safetensors file (truncated or corrupt): {exc}") from exc
+        for k in weight_map:
+            if weight_map[k] == name and k not in part:
+                raise ArtifactError(f"{f} lacks tensor {k} named in {INDEX_NAME}")
+        tensors.update(part)
+    return tensors
+
+
+def _packed_fused_forward(group: ExpertGroup, specs: list[QuantSpec]):
+    module = group.module
+    proj_shapes = {p.name: (p.out_features, p.in_features) for p in group.projections}
+
+    def weights(e: int, dtype, device) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, shape in proj_shapes.items():
+            t = {part: getattr(module, _buffer_name(name, e, part)) for part in _PARTS
+                 if hasattr(module, _buffer_name(name, e, part))}
+            out[name] = QuantizedMatrix.from_packed(t, specs[e], shape).dequantize(dtype, device=device)
+        return out
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            if not 0 <= e < group.num_experts:
+                continue
+            token_idx, pos = torch.where(top_k_index == e)
+            x = hidden_states[token_idx]
+            w = weights(e, x.dtype, x.device)
+            inter = group.intermediate(e, x, weights=w)
+            down_bias = getattr(self, "down_proj_bias", None) if getattr(self, "has_bias", False) else None
+            y = nn.functional.linear(inter, w["down_proj"], None if down_bias is None else down_bias[e])
+            y = y * top_k_weights[token_idx, pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    return forward
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight is stored packed and dequantized on every call."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape: tuple[int, int],
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.spec, self.shape = spec, shape
+        self.in_features, self.out_features = shape[1], shape[0]
+        for part, t in tensors.items():
+            self.register_buffer(part, t)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._parts = tuple(tensors)
+
+    def forward(self, x):
+        qm = QuantizedMatrix.from_packed({p: getattr(self, p) for p in self._parts}, self.spec, self.shape)
+        return nn.functional.linear(x, qm.dequantize(x.dtype, device=x.device), self.bias)
+
+
+def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Tensor], qc: dict, where: Path):
+    bits = info["bits"]
+    if len(bits) != group.num_experts:
+        raise ArtifactError(f"{where}/config.json: {group.path} lists {len(bits)} widths for "
+                            f"{group.num_experts} experts")
+    specs = [QuantSpec(bits=int(b), group_size=int(qc["group_size"]), symmetric=bool(qc["symmetric"]))
+             for b in bits]
+
+    def take(proj: str, e: int) -> dict[str, torch.Tensor]:
+        got = {}
+        for part in _PARTS:
+            key = packed_key(group.path, proj, e, part)
+            if key in tensors:
+                got[part] = tensors.pop(key)
+        try:  # validate now: a truncated or inconsistent tensor fails at load, never as garbage output
+            QuantizedMatrix.from_packed(got, specs[e], tuple(info["projections"][proj]))
+        except (ValueError, KeyError) as exc:
+            raise ArtifactError(f"{where}: packed tensors of {group.path}.{proj}.{e} are invalid: {exc}") from exc
+        return got
+
+    if group.kind == "fused":
+        for p in group.projections:
+            group.module._parameters.pop(p.name, None)
+            for e in range(group.num_experts):
+                for part, t in take(p.name, e).items():
+                    group.module.register_buffer(_buffer_name(p.name, e, part), t)
+        group.module.forward = types.MethodType(_packed_fused_forward(group, specs), group.module)
+    else:
+        for e in range(group.num_experts):
+            expert = group.module[e]
+            for p in group.projections:
+                lin = getattr(expert, p.name)
+                bias_key = f"{group.path}.{e}.{p.name}.bias"
+                bias = tensors.pop(bias_key, None) if lin.bias is not None else None
+                setattr(expert, p.name, PackedLinear(take(p.name, e), specs[e], (p.out_features, p.in_features),
+                                                     bias))
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   attn_implementation: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ArtifactError(f"{cfg_file} is missing")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    qc = raw.get("quantization_config") or {}
+    if qc.get("quant_method") != "mopeq":
+        raise ArtifactError(f"{cfg_file} has no mopeq quantization_config; load it with from_pretrained instead")
+    tensors = _read_shards(path, _read_index(path))
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    kwargs = {"experts_implementation": "eager"}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 **kwargs)
+    groups = {g.path: g for g in find_expert_groups(model)}
+    for module_path, info in qc["modules"].items():
+        if module_path not in groups:
+            raise ArtifactError(f"{cfg_file}: module {module_path} is not an experts module of this model")
+        _install_packed(groups[module_path], info, tensors, qc, path)
+    leftovers = [k for k in tensors if k.endswith((".qweight", ".scales", ".qzeros"))]
+    if leftovers:
+        raise ArtifactError(f"{path}: packed tensors not described by config.json, e.g. {leftovers[:3]}")
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ArtifactError(f"{path}: unexpected tensors {result.unexpected_keys[:5]}")
+    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings",
+                                                                False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ArtifactError(f"{path}: the artifact lacks weights {missing[:5]}")
+    return model.to(device).eval()
+
+
+def load_packed_matrices(path: str | Path, groups: list[ExpertGroup]) -> dict[tuple[int, int], dict[str, QuantizedMatrix]]:
+    """The packed experts of an artifact as QuantizedMatrix objects, keyed (layer, expert) -> {proj: matrix}."""
+    path = Path(path)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    tensors = _read_shards(path, _read_index(path))
+    out = {}
+    for g in groups:
+        info = qc["modules"][g.path]
+        for e in range(g.num_experts):
+            spec = QuantSpec(bits=int(info["bits"][e]), group_size=int(qc["group_size"]),
+                             symmetric=bool(qc["symmetric"]))
+            per = {}
+            for p in g.projections:
+                t = {part: tensors[packed_key(g.path, p.name, e, part)] for part in _PARTS
+                     if packed_key(g.path, p.name, e, part) in tensors}
+                try:
+                    per[p.name] = QuantizedMatrix.from_packed(t, spec, (p.out_features, p.in_features))
+                except ValueError as exc:
+                    raise ArtifactError(f"{path}: {g.path}.{p.name}.{e}: {exc}") from exc
+            out[(g.layer, e)] = per
+    return out

@@ -1,0 +1,149 @@
+"""Resolves MODEL (local directory or Hub repo id) to files on disk and loads it safely.
+
+Safety rules: safetensors only unless ``allow_pickle``; no remote code unless ``trust_remote_code``; only the files
+a model needs are downloaded (weights, configs, tokenizer, generation config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import (
+    ModelNotFoundError,
+    RemoteCodeRequiredError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+    UserInputError,
+)
+
+log = logging.getLogger(__name__)
+
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                  "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "*.model",
+                  "preprocessor_config.json", "processor_config.json", "chat_template.*", "video_preprocessor_config.json"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class ResolvedModel:
+    path: Path
+    repo_id: str | None
+    revision: str | None  # resolved commit sha for Hub models
+
+
+def _check_files(names: list[str], where: str, allow_pickle: bool) -> None:
+    has_st = any(n.endswith(".safetensors") for n in names)
+    has_pickle = any(n.endswith(PICKLE_SUFFIXES) for n in names)
+    if not has_st:
+        if has_pickle and not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"{where} has only pickle weights (.bin/.pt); pickle can run arbitrary code, so MoPEQ loads "
+                "safetensors only. Convert the checkpoint to safetensors (or use a repo revision that has them).")
+        if not has_pickle:
+            raise ModelNotFoundError(f"{where} has no weight files (*.safetensors)")
+
+
+def check_config(config: dict, where: str, trust_remote_code: bool) -> None:
+    if "auto_map" in config and not trust_remote_code:
+        raise RemoteCodeRequiredError(
+            f"{where} needs remote code (its config.json has auto_map: {sorted(config['auto_map'])}). Remote code "
+            "runs arbitrary Python from the repo; pass --trust-remote-code only if you trust it.")
+    model_type = config.get("model_type")
+    if not model_type:
+        raise UnsupportedArchitectureError(f"{where}/config.json has no model_type")
+    if "auto_map" not in config:
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            raise UnsupportedArchitectureError(
+                f"transformers does not know model_type '{model_type}' ({where}); upgrade transformers or pick a "
+                "supported MoE architecture")
+
+
+def resolve_model(model: str, *, revision: str | None = None, token: str | None = None,
+                  allow_pickle: bool = False, trust_remote_code: bool = False) -> ResolvedModel:
+    """Local directory, or a Hub repo id downloaded at ``revision`` (offline from the HF cache when HF_HUB_OFFLINE)."""
+    local = Path(model).expanduser()
+    if local.exists() or model.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise ModelNotFoundError(f"{model} is not a directory holding a model (config.json + *.safetensors)")
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(f"{model} has no config.json; point MODEL at a transformers model directory")
+        _check_files([p.name for p in local.iterdir()], model, allow_pickle)
+        check_config(json.loads((local / "config.json").read_text()), model, trust_remote_code)
+        return ResolvedModel(local.resolve(), None, None)
+    if not REPO_ID_RE.match(model):
+        raise ModelNotFoundError(f"'{model}' is neither an existing directory nor a Hub repo id (org/name)")
+    return _download(model, revision, token, allow_pickle, trust_remote_code)
+
+
+def _download(repo_id: str, revision: str | None, token: str | None, allow_pickle: bool,
+              trust_remote_code: bool) -> ResolvedModel:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        if not offline:
+            info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
+            names = [s.rfilename for s in (info.siblings or [])]
+            _check_files(names, repo_id, allow_pickle)
+            revision = info.sha or revision
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, token=token,
+                                      local_files_only=offline))
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(f"Hub repo '{repo_id}' does not exist or is private (pass a token that can read "
+                                 "it)") from exc
+    except GatedRepoError as exc:
+        raise ModelNotFoundError(f"Hub repo '{repo_id}' is gated: accept its terms and pass a token") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelNotFoundError(f"revision '{revision}' not found in '{repo_id}'") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotFoundError(f"'{repo_id}' is not in the local HF cache and the Hub is offline") from exc
+    _check_files([p.name for p in path.iterdir()], repo_id, allow_pickle)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"Hub repo '{repo_id}' has no config.json")
+    check_config(json.loads((path / "config.json").read_text()), repo_id, trust_remote_code)
+    # The snapshot folder is named by the commit sha it holds.
+    return ResolvedModel(path, repo_id, path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision)
+
+
+def load_model(path: Path, *, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
+               allow_pickle: bool = False):
+    """Load a causal LM for calibration: eager attention and eager experts (both support double backward)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, attn_implementation="eager", experts_implementation="eager",
+            trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
+    except (ValueError, KeyError) as exc:
+        if "Unrecognized" in str(exc) or "does not recognize" in str(exc):
+            raise UnsupportedArchitectureError(f"transformers cannot build a causal LM from {path}: {exc}") from exc
+        raise UserInputError(f"could not load the model from {path}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
