@@ -339,30 +339,32 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
                         **alloc_state["budget"]})
         out_dir.mkdir(parents=True, exist_ok=True)
         files = _export(cfg, out_dir, staging, model, groups, chosen, bits, tokenizer, bitmap)
-        report = {
-            "mopeq_version": __version__, "model": cfg.model, "revision": revision,
-            "config": cfg.to_public_dict(), "stages": timings,
-            "perplexity": ev, "calibration": stats.coverage(),
-            "sensitivity": {m: {"probes": r.probes, "rel_std_err_median": r.rel_std_err_median,
-                                "seconds": r.details.get("seconds"), "converged": r.details.get("converged")}
-                            for m, r in sens.items()},
-            "selected_sensitivity": alloc_state["method"],
-            "candidate_holdout_loss": alloc_state["candidate_losses"],
-            "fp_holdout_loss": fp.get("fp_holdout_loss"),
-            "allocation": {"objective": alloc_state["objective"], "exact": alloc_state["exact"],
-                           "budget_expert_bytes": alloc_state["budget_expert_bytes"],
-                           "feasible_expert_bytes": alloc_state["feasible_range"],
-                           "details": alloc_state["details"]},
-            "sizes": {"expert_bytes": bitmap["expert_bytes"], "non_expert_bytes": non_expert_bytes,
-                      "total_bytes": bitmap["total_bytes"], "avg_bits": bitmap["avg_bits"],
-                      "fp_expert_bytes": sum(g.expert_params * g.num_experts for g in groups) * elem},
-        }
         (out_dir / "bitmap.json").write_text(json.dumps(bitmap, indent=1))
-        (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        from .card import write_model_card
+        files.append(out_dir / "bitmap.json")
+    # The report is written after the export stage closes so that its timing is included.
+    report = {
+        "mopeq_version": __version__, "model": cfg.model, "revision": revision,
+        "config": cfg.to_public_dict(), "stages": timings,
+        "perplexity": ev, "calibration": stats.coverage(),
+        "sensitivity": {m: {"probes": r.probes, "rel_std_err_median": r.rel_std_err_median,
+                            "seconds": r.details.get("seconds"), "converged": r.details.get("converged")}
+                        for m, r in sens.items()},
+        "selected_sensitivity": alloc_state["method"],
+        "candidate_holdout_loss": alloc_state["candidate_losses"],
+        "fp_holdout_loss": fp.get("fp_holdout_loss"),
+        "allocation": {"objective": alloc_state["objective"], "exact": alloc_state["exact"],
+                       "budget_expert_bytes": alloc_state["budget_expert_bytes"],
+                       "feasible_expert_bytes": alloc_state["feasible_range"],
+                       "details": alloc_state["details"]},
+        "sizes": {"expert_bytes": bitmap["expert_bytes"], "non_expert_bytes": non_expert_bytes,
+                  "total_bytes": bitmap["total_bytes"], "avg_bits": bitmap["avg_bits"],
+                  "fp_expert_bytes": sum(g.expert_params * g.num_experts for g in groups) * elem},
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    from .card import write_model_card
 
-        files += [out_dir / "bitmap.json", out_dir / "report.json"]
-        files += write_model_card(out_dir, bitmap, report)
+    files.append(out_dir / "report.json")
+    files += write_model_card(out_dir, bitmap, report)
     if own_state:
         shutil.rmtree(state.dir, ignore_errors=True)
     return RunResult(out_dir, bitmap, report, revision, files)
