@@ -192,6 +192,12 @@ def calibrate(model, groups: list[ExpertGroup], samples: torch.Tensor, *, collec
     elif on_progress:
         on_progress(1.0)
     fallback = {} if all_experts else {k: sorted(v) for k, v in starved.items()}
+    for g in groups:
+        # ModuleList experts are hooked one by one and never see the routing indices (their top-k stayed
+        # unknown and was reported as 0): every routed token calls each of its experts once, so top-k is the
+        # routed count per calibration token.
+        if g.layer not in top_k and samples.numel():
+            top_k[g.layer] = round(int(routed.counts[g.layer].sum()) / samples.numel())
     return CalibrationStats(routed.counts, routed.sq, routed.hs, int(samples.numel()),
                             {g.layer: top_k.get(g.layer, 0) for g in groups}, fallback,
                             "all" if all_experts else "routed")

@@ -160,6 +160,25 @@ def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Ten
                                                      bias))
 
 
+def _check_remote_code(raw: dict, path: Path, trust_remote_code: bool) -> None:
+    """A remote-code artifact needs trust and its modeling files beside config.json; say so instead of letting
+    transformers fail with an OSError/ValueError (or prompt on stdin)."""
+    auto_map = raw.get("auto_map")
+    if not auto_map:
+        return
+    from .errors import RemoteCodeRequiredError
+
+    if not trust_remote_code:
+        raise RemoteCodeRequiredError(f"{path} is a remote-code model (config.json has auto_map); pass "
+                                      "trust_remote_code=True only if you trust its code")
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, (list, tuple)) else [v]) if r]
+    missing = sorted({r.rsplit(".", 1)[0] + ".py" for r in refs if "--" not in r
+                      and not (path / (r.rsplit(".", 1)[0] + ".py")).is_file()})
+    if missing:
+        raise ArtifactError(f"{path} lacks the modeling code its config.json names in auto_map ({', '.join(missing)}"
+                            "): copy those files from the source model into the artifact")
+
+
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    attn_implementation: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -175,6 +194,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     qc = raw.get("quantization_config") or {}
     if qc.get("quant_method") != "mopeq":
         raise ArtifactError(f"{cfg_file} has no mopeq quantization_config; load it with from_pretrained instead")
+    _check_remote_code(raw, path, trust_remote_code)
     tensors = _read_shards(path, _read_index(path))
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -69,6 +69,8 @@ def check_config(config: dict, where: str, trust_remote_code: bool) -> None:
 def resolve_model(model: str, *, revision: str | None = None, token: str | None = None,
                   allow_pickle: bool = False, trust_remote_code: bool = False) -> ResolvedModel:
     """Local directory, or a Hub repo id downloaded at ``revision`` (offline from the HF cache when HF_HUB_OFFLINE)."""
+    if not model.strip():  # Path("") is the working directory: an empty MODEL must not quantize whatever is there
+        raise ModelNotFoundError(f"'{model}' is neither an existing directory nor a Hub repo id (org/name)")
     local = Path(model).expanduser()
     if local.exists() or model.startswith((".", "/", "~")):
         if not local.is_dir():
@@ -76,11 +78,52 @@ def resolve_model(model: str, *, revision: str | None = None, token: str | None 
         if not (local / "config.json").is_file():
             raise ModelNotFoundError(f"{model} has no config.json; point MODEL at a transformers model directory")
         _check_files([p.name for p in local.iterdir()], model, allow_pickle)
-        check_config(json.loads((local / "config.json").read_text()), model, trust_remote_code)
+        check_config(_read_config(local / "config.json"), model, trust_remote_code)
         return ResolvedModel(local.resolve(), None, None)
-    if not REPO_ID_RE.match(model):
+    # huggingface_hub's own rules too (no '--' or '..', no trailing '.git'): its HFValidationError is a plain
+    # ValueError that would otherwise escape as an internal error.
+    if not REPO_ID_RE.match(model) or "--" in model or ".." in model or model.endswith((".git", ".", "-")):
         raise ModelNotFoundError(f"'{model}' is neither an existing directory nor a Hub repo id (org/name)")
     return _download(model, revision, token, allow_pickle, trust_remote_code)
+
+
+def _read_config(path: Path) -> dict:
+    # A malformed config.json is the user's input, not an internal error.
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelNotFoundError(f"{path} is not valid JSON ({exc}); point MODEL at a transformers model") from exc
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{path} does not hold a JSON object; point MODEL at a transformers model")
+    return config
+
+
+def _env_true(name: str) -> bool | None:
+    v = os.environ.get(name)
+    return None if v is None else v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as it is now (huggingface_hub reads it once, at import), else huggingface_hub's view."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        v = _env_true(name)
+        if v is not None:
+            return v
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache_dir() -> str | None:
+    """The HF cache as the environment names it now. huggingface_hub fixes its default cache directory from
+    HF_HUB_CACHE / HF_HOME at import time, so a later change (a worker setting HF_HOME per job, a test) would
+    be ignored without passing cache_dir explicitly."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return os.path.expanduser(os.path.expandvars(os.environ[name]))
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "hub")
+    return None
 
 
 def _download(repo_id: str, revision: str | None, token: str | None, allow_pickle: bool,
@@ -88,20 +131,40 @@ def _download(repo_id: str, revision: str | None, token: str | None, allow_pickl
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:  # huggingface_hub >= 1.0 talks over httpx2 (older: httpx)
+        import httpx2 as _http
+    except ImportError:  # pragma: no cover
+        import httpx as _http
+
+    offline = _hub_offline()
+    cache_dir = _hub_cache_dir()
+    # Remote code lives in the repo's *.py files: fetch them only when the caller allows running them.
+    patterns = ALLOW_PATTERNS + (["*.py"] if trust_remote_code else [])
     try:
         if not offline:
-            info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
-            names = [s.rfilename for s in (info.siblings or [])]
-            _check_files(names, repo_id, allow_pickle)
-            revision = info.sha or revision
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, token=token,
-                                      local_files_only=offline))
+            try:
+                info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=False)
+            except (_http.ConnectError, _http.TimeoutException, OfflineModeIsEnabled) as exc:
+                # The Hub cannot be reached: a filled HF cache still serves the model (as snapshot_download
+                # would); without one, LocalEntryNotFoundError below says so.
+                log.warning("the Hub cannot be reached (%s); using the local HF cache", exc.__class__.__name__)
+                offline = True
+            else:
+                names = [s.rfilename for s in (info.siblings or [])]
+                _check_files(names, repo_id, allow_pickle)
+                # Refuse remote code before downloading gigabytes, when the Hub shows the config.
+                if isinstance(getattr(info, "config", None), dict) and "auto_map" in info.config:
+                    check_config({"model_type": "?", **info.config}, repo_id, trust_remote_code)
+                revision = info.sha or revision
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
+                                      local_files_only=offline, cache_dir=cache_dir))
     except RepositoryNotFoundError as exc:
         raise ModelNotFoundError(f"Hub repo '{repo_id}' does not exist or is private (pass a token that can read "
                                  "it)") from exc
@@ -111,10 +174,18 @@ def _download(repo_id: str, revision: str | None, token: str | None, allow_pickl
         raise ModelNotFoundError(f"revision '{revision}' not found in '{repo_id}'") from exc
     except LocalEntryNotFoundError as exc:
         raise ModelNotFoundError(f"'{repo_id}' is not in the local HF cache and the Hub is offline") from exc
+    except HfHubHTTPError as exc:
+        # A bare 401/403/404 (no X-Error-Code header, e.g. from a mirror behind HF_ENDPOINT) is still the
+        # caller's problem, not an internal error; other statuses (5xx) propagate for the worker to retry.
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403, 404):
+            raise ModelNotFoundError(f"Hub repo '{repo_id}' cannot be read (HTTP {status}): check the repo id, "
+                                     "the revision and the token") from exc
+        raise
     _check_files([p.name for p in path.iterdir()], repo_id, allow_pickle)
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"Hub repo '{repo_id}' has no config.json")
-    check_config(json.loads((path / "config.json").read_text()), repo_id, trust_remote_code)
+    check_config(_read_config(path / "config.json"), repo_id, trust_remote_code)
     # The snapshot folder is named by the commit sha it holds.
     return ResolvedModel(path, repo_id, path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision)
 

@@ -404,6 +404,12 @@ def _export(cfg, out_dir: Path, staging: Path, model, groups, chosen, bits, toke
         from .exporters import export as export_engine
 
         files += export_engine(cfg.format, out_dir, model, groups, chosen, bits, cfg)
+    # A remote-code model's artifact needs the modeling files its config's auto_map names.
+    model_src = Path(getattr(model.config, "_name_or_path", "") or "")
+    if getattr(model.config, "auto_map", None) and model_src.is_dir():
+        for py in model_src.glob("*.py"):
+            shutil.copy2(py, out_dir / py.name)
+            files.append(out_dir / py.name)
     tokenizer.save_pretrained(out_dir)
     files += [p for p in out_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))]
     return files

@@ -116,19 +116,35 @@ class _RequiresGradOnly:
             p.requires_grad_(r)
 
 
+def _zeros_for_unused(grads, params) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
 def _batches(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [samples[i: i + batch_size] for i in range(0, samples.shape[0], batch_size)]
 
 
-def hutchinson_probe(model, ep: _ExpertParams, batch: torch.Tensor, generator: torch.Generator
-                     ) -> dict[int, torch.Tensor]:
-    """One probe: draw Rademacher v over every expert parameter, one HVP, return vᵀHv summed per expert."""
-    loss = lm_loss(model, batch)
-    grads = torch.autograd.grad(loss, ep.params, create_graph=True)
+def hutchinson_probe(model, ep: _ExpertParams, batches: torch.Tensor | list[torch.Tensor],
+                     generator: torch.Generator) -> dict[int, torch.Tensor]:
+    """One probe: draw Rademacher v over every expert parameter and return vᵀHv summed per expert.
+
+    H is the Hessian of the mean calibration loss over all ``batches``; Hv is accumulated batch by batch (one
+    double-backward per batch, so memory stays that of one batch) — mathematically one product per probe.
+    """
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
+    total = sum(b.numel() for b in batches)
     vs = [(torch.randint(0, 2, p.shape, generator=generator, device="cpu").to(p.device, p.dtype) * 2 - 1)
           for p in ep.params]
-    gv = sum((g * v).sum() for g, v in zip(grads, vs))
-    hvs = torch.autograd.grad(gv, ep.params)
+    hvs = None
+    for batch in batches:
+        loss = lm_loss(model, batch) * (batch.numel() / total)
+        # allow_unused: a ModuleList expert that no token of this batch reached is not in the graph.
+        grads = _zeros_for_unused(torch.autograd.grad(loss, ep.params, create_graph=True, allow_unused=True),
+                                  ep.params)
+        gv = sum((g * v).sum() for g, v in zip(grads, vs))
+        part = _zeros_for_unused(torch.autograd.grad(gv, ep.params, allow_unused=True), ep.params)
+        hvs = list(part) if hvs is None else [a + b for a, b in zip(hvs, part)]
     return ep.per_expert_sums([v * hv for v, hv in zip(vs, hvs)])
 
 
@@ -155,9 +171,9 @@ def hutchinson(ctx: SensitivityContext) -> SensitivityResult:
         for k in range(1, ctx.probes + 1):
             if ctx.should_stop:
                 ctx.should_stop()
-            # Each probe uses the next calibration batch: the estimate is of the mean trace over batches and
-            # its standard error covers both the probe and the data noise.
-            est = hutchinson_probe(ctx.model, ep, batches[(k - 1) % len(batches)], gen)
+            # Every probe sees all calibration tokens, so the estimate targets the trace of the Hessian of the
+            # whole calibration loss and its standard error is probe noise only.
+            est = hutchinson_probe(ctx.model, ep, batches, gen)
             for layer, v in est.items():
                 draws[layer].append(v)
             if k >= 2:
@@ -185,7 +201,7 @@ def per_sample_grad_sq(model, ep: _ExpertParams, samples: torch.Tensor, should_s
             if should_stop:
                 should_stop()
             loss = lm_loss(model, samples[i: i + 1].to(device))
-            grads = torch.autograd.grad(loss, ep.params)
+            grads = _zeros_for_unused(torch.autograd.grad(loss, ep.params, allow_unused=True), ep.params)
             for layer, v in ep.per_expert_sums([g * g for g in grads]).items():
                 total[layer] += v
             if on_progress:
