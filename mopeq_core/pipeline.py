@@ -136,6 +136,10 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
     from .sensitivity import SensitivityContext, SensitivityResult, compute_sensitivity
 
     cfg.validate()
+    if cfg.format not in ("mopeq", "fake"):
+        from .exporters import precheck
+
+        precheck(cfg.format, cfg)  # refuse an impossible export before any compute
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
     own_state = state_dir is None
