@@ -1,0 +1,106 @@
+"""Request-scoped dependencies: settings, database sessions, the authenticated key, rate limiting."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.core.security import Keyring, parse_api_key
+from app.db.models import ApiKey
+from app.services.errors import ServiceError
+from app.services.jobs import Principal
+from app.services.ratelimit import RateLimiter
+
+BOOTSTRAP_KEY_ID = "bootstrap"
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer mpq_...`")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_factory(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessionmaker
+
+
+def get_keyring(request: Request) -> Keyring:
+    return request.app.state.keyring
+
+
+def get_db(factory: Annotated[sessionmaker[Session], Depends(get_factory)]) -> Iterator[Session]:
+    with factory() as db:
+        yield db
+
+
+def _unauthorized(msg: str) -> ServiceError:
+    return ServiceError(401, "unauthorized", msg, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _ensure_bootstrap_row(factory: sessionmaker[Session], keyring: Keyring, key: str) -> None:
+    try:
+        with factory() as db, db.begin():
+            if db.get(ApiKey, BOOTSTRAP_KEY_ID) is None:
+                db.add(ApiKey(id=BOOTSTRAP_KEY_ID, name="bootstrap (MOPEQ_BOOTSTRAP_API_KEY)",
+                              key_hash=keyring.hash_key(key), scope="admin"))
+    except IntegrityError:
+        pass  # created concurrently
+
+
+def current_principal(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    settings: Settings = request.app.state.settings
+    keyring: Keyring = request.app.state.keyring
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    if creds is None or not creds.credentials:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' (create one with "
+                            "'mopeq admin create-key')")
+    presented = creds.credentials.strip()
+    if len(presented) > 300:
+        raise _unauthorized("invalid API key")
+    who: Principal | None = None
+    boot = settings.BOOTSTRAP_API_KEY.get_secret_value() if settings.BOOTSTRAP_API_KEY else ""
+    if boot and hmac.compare_digest(keyring.hash_key(presented), keyring.hash_key(boot)):
+        _ensure_bootstrap_row(factory, keyring, boot)
+        who = Principal(BOOTSTRAP_KEY_ID, "admin", "bootstrap", settings.RATE_LIMIT_PER_MINUTE,
+                        settings.MAX_CONCURRENT_JOBS)
+    else:
+        key_id = parse_api_key(presented)
+        row = None
+        if key_id is not None:
+            with factory() as db:
+                row = db.get(ApiKey, key_id)
+        if row is None or not keyring.verify_key(presented, row.key_hash) or row.revoked_at is not None:
+            raise _unauthorized("invalid or revoked API key")
+        who = Principal(row.id, row.scope, row.name, row.rate_limit_per_minute or settings.RATE_LIMIT_PER_MINUTE,
+                        row.max_concurrent_jobs or settings.MAX_CONCURRENT_JOBS)
+    limiter: RateLimiter = request.app.state.ratelimiter
+    wait = limiter.hit(who.key_id, who.rate_limit_per_minute)
+    if wait is not None:
+        raise ServiceError(429, "rate_limited",
+                           f"rate limit of {who.rate_limit_per_minute} requests per minute reached; retry in {wait} s",
+                           headers={"Retry-After": str(wait)})
+    request.state.principal = who
+    return who
+
+
+def require_admin(who: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    if not who.is_admin:
+        raise ServiceError(403, "forbidden", "this route needs an admin key")
+    return who
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+AdminPrincipal = Annotated[Principal, Depends(require_admin)]
+DB = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+Factory = Annotated[sessionmaker[Session], Depends(get_factory)]
+KeyringDep = Annotated[Keyring, Depends(get_keyring)]

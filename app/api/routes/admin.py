@@ -1,0 +1,43 @@
+"""/v1/admin: API keys (admin scope only)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from app.api.deps import DB, AdminPrincipal, Factory, KeyringDep
+from app.db.models import ApiKey, utcnow
+from app.schemas.common import error_responses
+from app.schemas.keys import KeyCreate, KeyCreated, KeyOut
+from app.services.errors import not_found
+from app.services.keys import create_key
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def _out(k: ApiKey) -> KeyOut:
+    return KeyOut(id=k.id, name=k.name, scope=k.scope, rate_limit_per_minute=k.rate_limit_per_minute,
+                  max_concurrent_jobs=k.max_concurrent_jobs, created_at=k.created_at, revoked_at=k.revoked_at)
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated, responses=error_responses(401, 403, 422, 429))
+def new_key(body: KeyCreate, who: AdminPrincipal, factory: Factory, keyring: KeyringDep) -> KeyCreated:
+    row, secret = create_key(factory, keyring, name=body.name, scope=body.scope,
+                             rate_limit_per_minute=body.rate_limit_per_minute,
+                             max_concurrent_jobs=body.max_concurrent_jobs)
+    return KeyCreated(**_out(row).model_dump(), api_key=secret)
+
+
+@router.get("/keys", response_model=list[KeyOut], responses=error_responses(401, 403, 429))
+def list_keys(who: AdminPrincipal, db: DB) -> list[KeyOut]:
+    return [_out(k) for k in db.scalars(select(ApiKey).order_by(ApiKey.created_at))]
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut, responses=error_responses(401, 403, 404, 429))
+def revoke_key(key_id: str, who: AdminPrincipal, factory: Factory) -> KeyOut:
+    with factory() as db, db.begin():
+        row = db.get(ApiKey, key_id)
+        if row is None:
+            raise not_found("key")
+        row.revoked_at = row.revoked_at or utcnow()
+    return _out(row)

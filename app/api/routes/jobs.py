@@ -1,0 +1,179 @@
+"""/v1/jobs: submit, list, read, cancel, follow (SSE), bit map, allocations, artifacts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from sqlalchemy import select
+
+from app.api.deps import DB, CurrentPrincipal, Factory, KeyringDep, SettingsDep
+from app.core.celery_conf import enqueue
+from app.db.models import TERMINAL, Artifact, Job, utcnow
+from app.schemas.common import error_responses
+from app.schemas.jobs import AllocationOut, ArtifactOut, JobCreate, JobEventOut, JobList, JobOut, JobStatus
+from app.services import jobs as svc
+from app.services.errors import ServiceError
+from app.services.events import events_after
+
+log = logging.getLogger("mopeq.api")
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+AUTH_ERRORS = (401, 403, 429)
+
+
+@router.post("", status_code=202, response_model=JobOut,
+             responses=error_responses(400, *AUTH_ERRORS, 413, 422, 503),
+             summary="Submit a quantization job",
+             description="Validates everything (model, knobs, budget feasibility, paths) before anything is written; "
+                         "the job is queued after the row is committed. `Idempotency-Key` replays the first "
+                         "response for the same body; the same key with another body is a 422.")
+def submit_job(request: Request, body: JobCreate, who: CurrentPrincipal, factory: Factory, settings: SettingsDep,
+               keyring: KeyringDep,
+               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
+    created = svc.create_job(factory, settings, keyring, who, body, idempotency_key)
+    headers = {"Location": f"/v1/jobs/{created.job_id}"}
+    if created.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if created.enqueue:
+        try:
+            enqueue(request.app.state.celery, settings, created.job_id)
+            with factory() as db, db.begin():
+                job = db.get(Job, created.job_id)
+                if job is not None:
+                    job.enqueued_at = utcnow()
+        except Exception as exc:  # noqa: BLE001 - the worker sweep republishes jobs that were never enqueued
+            log.warning("could not publish job %s to the broker (%s); a worker will pick it up when the broker "
+                        "is back", created.job_id, type(exc).__name__)
+    return JSONResponse(created.body, status_code=created.status_code, headers=headers)
+
+
+@router.get("", response_model=JobList, responses=error_responses(*AUTH_ERRORS, 422),
+            summary="List jobs (newest first)")
+def list_jobs(who: CurrentPrincipal, db: DB, status: JobStatus | None = None,
+              model: Annotated[str | None, Query(max_length=500)] = None,
+              limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> JobList:
+    rows, total = svc.list_jobs(db, who, status=status, model=model, limit=limit, offset=offset)
+    return JobList(items=[svc.job_out(j) for j in rows], total=total, limit=limit, offset=offset)
+
+
+def owned_job(job_id: str, who: CurrentPrincipal, factory: Factory) -> Job:
+    with factory() as db:  # closed at once: a long SSE stream must not hold a pooled connection
+        return svc.get_owned(db, who, job_id)
+
+
+OwnedJob = Annotated[Job, Depends(owned_job)]
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(*AUTH_ERRORS, 404))
+def get_job(job: OwnedJob) -> JobOut:
+    return svc.job_out(job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
+             responses=error_responses(*AUTH_ERRORS, 404, 409),
+             description="A queued job is cancelled at once; a running one stops at the worker's next check "
+                         "(between stages and inside long loops) and its files are removed.")
+def cancel_job(job_id: str, who: CurrentPrincipal, factory: Factory) -> JobOut:
+    return svc.job_out(svc.cancel_job(factory, who, job_id))
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={**error_responses(*AUTH_ERRORS, 404, 422),
+                       200: {"description": "Server-Sent Events: `event` is the kind (status, stage, progress, log), "
+                                            "`id` the event id, `data` a JobEvent JSON object. The stream ends after "
+                                            "the job's final status event."}},
+            summary="Follow a job's events (SSE), resuming after Last-Event-ID")
+async def job_events(request: Request, job: OwnedJob, factory: Factory,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+                     after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None,
+                     poll: Annotated[float, Query(ge=0.05, le=10)] = 0.5) -> AsyncIterator[ServerSentEvent]:
+    cursor = after or 0
+    if last_event_id:
+        cursor = int(last_event_id) if last_event_id.strip().isdigit() else cursor
+    job_id = job.id
+
+    def fetch(cur: int) -> tuple[list[JobEventOut], str | None]:
+        with factory() as db:
+            evs = events_after(db, job_id, cur)
+            status = db.scalar(select(Job.status).where(Job.id == job_id))
+            return [JobEventOut.model_validate(e, from_attributes=True) for e in evs], status
+
+    yield ServerSentEvent(comment="mopeq job events", retry=2000)
+    while True:
+        evs, status = await anyio.to_thread.run_sync(fetch, cursor)
+        for ev in evs:
+            cursor = ev.id
+            yield ServerSentEvent(id=str(ev.id), event=ev.kind, data=ev)
+        if not evs and (status is None or status in TERMINAL):
+            # One last read after the terminal status so nothing written just before it is lost.
+            evs, _ = await anyio.to_thread.run_sync(fetch, cursor)
+            for ev in evs:
+                cursor = ev.id
+                yield ServerSentEvent(id=str(ev.id), event=ev.kind, data=ev)
+            yield ServerSentEvent(event="end", data={"status": status})
+            return
+        if await request.is_disconnected():
+            return
+        if not evs:
+            await anyio.sleep(poll)
+
+
+def _artifact_dir(settings: SettingsDep, job: Job) -> Path:
+    return settings.artifact_dir / job.id
+
+
+@router.get("/{job_id}/bitmap", responses=error_responses(*AUTH_ERRORS, 404, 409),
+            summary="The job's bitmap.json (per-expert bit widths, sensitivities, frequencies)")
+def get_bitmap(job: OwnedJob, settings: SettingsDep) -> JSONResponse:
+    path = _artifact_dir(settings, job) / "bitmap.json"
+    if job.status != "succeeded" or not path.is_file():
+        raise ServiceError(409, "not_ready", f"the bit map is available once the job has succeeded (it is "
+                                             f"{job.status})")
+    return JSONResponse(json.loads(path.read_text()))
+
+
+@router.get("/{job_id}/allocations", response_model=list[AllocationOut],
+            responses=error_responses(*AUTH_ERRORS, 404))
+def get_allocations(job: OwnedJob, db: DB) -> list[AllocationOut]:
+    return [AllocationOut.model_validate(a, from_attributes=True) for a in svc.allocations(db, job.id)]
+
+
+def _artifact_out(a: Artifact) -> ArtifactOut:
+    return ArtifactOut(kind=a.kind, name=a.name, uri=a.uri, sha256=a.sha256, bytes=a.bytes, hub_repo=a.hub_repo,
+                       hub_commit=a.hub_commit,
+                       download_url=f"/v1/jobs/{a.job_id}/artifacts/{a.name}" if a.kind == "file" else None)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], responses=error_responses(*AUTH_ERRORS, 404))
+def list_artifacts(job: OwnedJob, db: DB) -> list[ArtifactOut]:
+    rows = db.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.kind, Artifact.name))
+    return [_artifact_out(a) for a in rows]
+
+
+@router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse,
+            responses={**error_responses(*AUTH_ERRORS, 404),
+                       200: {"description": "The file; `X-Checksum-SHA256` and `Repr-Digest` carry its SHA-256"}},
+            summary="Download one artifact file")
+def download_artifact(name: str, job: OwnedJob, db: DB, settings: SettingsDep) -> FileResponse:
+    row = db.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == "file",
+                                           Artifact.name == name))
+    if row is None:
+        raise ServiceError(404, "not_found", f"job {job.id} has no artifact named '{name}'")
+    base = _artifact_dir(settings, job).resolve()
+    path = (base / row.name).resolve()
+    if not path.is_relative_to(base) or not path.is_file():
+        raise ServiceError(404, "not_found", f"artifact '{name}' is missing from the store")
+    headers: dict[str, Any] = {}
+    if row.sha256:
+        b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
+        headers = {"X-Checksum-SHA256": row.sha256, "Repr-Digest": f"sha-256=:{b64}:", "ETag": f'"{row.sha256}"'}
+    return FileResponse(path, filename=Path(row.name).name, headers=headers)

@@ -1,0 +1,146 @@
+"""Service settings, read from the environment (prefix ``MOPEQ_``).
+
+Defaults are the embedded setup of ``make serve``: SQLite and a filesystem message broker under ``./.mopeq``, a
+local artifact store, no external services. Production points ``MOPEQ_DATABASE_URL`` at PostgreSQL and
+``MOPEQ_BROKER_URL`` at Redis and sets ``MOPEQ_SECRET_KEY`` to the same value on every API and worker machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    text = str(value).strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        import json
+
+        return [str(v) for v in json.loads(text)]
+    return [p.strip() for p in re.split(r"[,\n" + re.escape(os.pathsep) + "]", text) if p.strip()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOPEQ_", extra="ignore", case_sensitive=False)
+
+    # Where embedded state lives (SQLite file, filesystem broker, work dirs, generated secret).
+    HOME: Path = Path(".mopeq")
+    DATABASE_URL: str | None = None  # default sqlite:///{HOME}/mopeq.db
+    BROKER_URL: str | None = None  # default: kombu filesystem transport under {HOME}/broker
+    ARTIFACT_DIR: Path | None = None  # default {HOME}/artifacts
+    WORK_DIR: Path | None = None  # per-job stage files; default {HOME}/work
+    # Directories from which local model paths (and calibration/eval files) are allowed.
+    MODEL_ROOTS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["models"])
+    BOOTSTRAP_API_KEY: SecretStr | None = None
+    SECRET_KEY: SecretStr | None = None  # auto-generated and persisted under HOME when unset
+    HOST: str = "127.0.0.1"
+    PORT: int = 8000
+    # Hub repos (or "org/*") whose remote code a job may run when it also asks for trust_remote_code.
+    ALLOW_REMOTE_CODE_REPOS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ALLOW_PICKLE: bool = False
+
+    # Per API key (a key row may override): requests per minute and queued+running jobs.
+    RATE_LIMIT_PER_MINUTE: int = 120
+    MAX_CONCURRENT_JOBS: int = 4
+    MAX_BODY_BYTES: int = 1 << 20
+
+    # Worker
+    QUEUE: str = "gpu"
+    JOB_TIMEOUT_S: int = 6 * 3600
+    HEARTBEAT_INTERVAL_S: float = 5.0
+    HEARTBEAT_STALE_S: float = 60.0  # a running job whose heartbeat is older than this is orphaned
+    SWEEP_INTERVAL_S: float = 30.0
+    MAX_RECOVERIES: int = 2  # times a job is resumed after its worker died before it fails
+    TRANSIENT_RETRIES: int = 5
+    WORKER_DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
+    MIN_FREE_DISK_GB: float = 1.0
+    REDIS_KEY_PREFIX: str = ""  # kombu global_keyprefix, to share one Redis between deployments
+    # Fault injection for tests: "stage:seconds,..." sleeps (polling cancel) when a stage starts.
+    DEBUG_STAGE_DELAY: str = ""
+
+    @field_validator("MODEL_ROOTS", "ALLOW_REMOTE_CODE_REPOS", mode="before")
+    @classmethod
+    def _lists(cls, v: object) -> list[str]:
+        return _split_list(v)
+
+    # ---- derived values -------------------------------------------------------------------------------------------
+    @property
+    def home(self) -> Path:
+        return self.HOME.expanduser().absolute()
+
+    @property
+    def database_url(self) -> str:
+        return self.DATABASE_URL or f"sqlite:///{self.home / 'mopeq.db'}"
+
+    @property
+    def broker_url(self) -> str:
+        return self.BROKER_URL or "filesystem://"
+
+    @property
+    def broker_is_filesystem(self) -> bool:
+        return self.broker_url.startswith("filesystem:")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def artifact_dir(self) -> Path:
+        return (self.ARTIFACT_DIR or self.home / "artifacts").expanduser().absolute()
+
+    @property
+    def work_dir(self) -> Path:
+        return (self.WORK_DIR or self.home / "work").expanduser().absolute()
+
+    @property
+    def model_roots(self) -> list[Path]:
+        return [Path(r).expanduser().resolve() for r in self.MODEL_ROOTS]
+
+    def secret_key(self) -> bytes:
+        """The server secret: MOPEQ_SECRET_KEY, or a random one generated once and kept in HOME/secret_key."""
+        if self.SECRET_KEY is not None and self.SECRET_KEY.get_secret_value():
+            return self.SECRET_KEY.get_secret_value().encode()
+        path = self.home / "secret_key"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(48))
+        for _ in range(50):  # another process may be writing it right now
+            text = path.read_text().strip()
+            if text:
+                return text.encode()
+            import time
+
+            time.sleep(0.02)
+        raise RuntimeError(f"{path} is empty; delete it or set MOPEQ_SECRET_KEY")
+
+    def ensure_dirs(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.broker_is_filesystem:
+            for sub in ("queue", "control", "processed"):
+                (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,78 @@
+"""Prometheus metrics of the API process: jobs by status, stage durations (from the database, so they cover every
+worker), queue depth (from the broker) and HTTP requests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from app.db.models import JOB_STATUSES, Job
+
+log = logging.getLogger("mopeq.api")
+
+
+class _DbCollector(Collector):
+    def __init__(self, app_state: Any):
+        self.state = app_state
+
+    def collect(self) -> Iterator[Any]:
+        jobs = GaugeMetricFamily("mopeq_jobs", "Jobs by status", labels=["status"])
+        stages = SummaryMetricFamily("mopeq_stage_duration_seconds", "Duration of finished stages (last 1000 jobs)",
+                                     labels=["stage"])
+        depth = GaugeMetricFamily("mopeq_queue_depth", "Messages waiting in the broker queue", labels=["queue"])
+        try:
+            with self.state.sessionmaker() as db:
+                counts = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+                timings = db.scalars(select(Job.timings).where(Job.finished_at.is_not(None))
+                                     .order_by(Job.finished_at.desc()).limit(1000)).all()
+            for s in JOB_STATUSES:
+                jobs.add_metric([s], float(counts.get(s, 0)))
+            agg: dict[str, list[float]] = {}
+            for t in timings:
+                for stage, secs in (t or {}).items():
+                    if isinstance(secs, (int, float)):
+                        a = agg.setdefault(stage, [0, 0.0])
+                        a[0] += 1
+                        a[1] += float(secs)
+            for stage, (n, total) in sorted(agg.items()):
+                stages.add_metric([stage], count_value=n, sum_value=total)
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the database hiccups
+            log.warning("metrics: database unavailable (%s)", type(exc).__name__)
+        settings = self.state.settings
+        try:
+            depth.add_metric([settings.QUEUE], float(queue_depth(self.state)))
+        except Exception as exc:  # noqa: BLE001
+            log.debug("metrics: broker unavailable (%s)", type(exc).__name__)
+        yield jobs
+        yield stages
+        yield depth
+
+
+def queue_depth(state: Any) -> int:
+    settings = state.settings
+    if settings.broker_is_filesystem:
+        suffix = f".{settings.QUEUE}.msg"
+        return sum(1 for p in (settings.broker_dir / "queue").iterdir() if p.name.endswith(suffix))
+    with state.celery.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+        with conn.channel() as ch:
+            try:
+                return ch.queue_declare(queue=settings.QUEUE, passive=True).message_count
+            except Exception as exc:
+                if "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower():
+                    return 0
+                raise
+
+
+class Metrics:
+    def __init__(self, app_state: Any):
+        self.registry = CollectorRegistry()
+        self.registry.register(_DbCollector(app_state))
+        self.requests = Counter("mopeq_http_requests", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)

@@ -1,0 +1,223 @@
+"""Tables of the service (SQLAlchemy 2.0 typed models). The schema is created only by Alembic migrations."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Stores naive UTC (same bytes on SQLite and PostgreSQL), returns aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the public key id (part of the key)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64))  # HMAC-SHA256(server secret, key), hex
+    scope: Mapped[str] = mapped_column(String(16), default="user")  # admin | user
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_owner_created", "owner_key_id", "created_at"),
+        Index("ix_jobs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+
+    # what to quantize
+    model: Mapped[str] = mapped_column(String(500))  # as the user gave it
+    model_source: Mapped[str] = mapped_column(String(8), default="hub")  # hub | local
+    model_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # resolved local directory
+    revision: Mapped[str | None] = mapped_column(String(200), nullable=True)  # as requested
+    resolved_revision: Mapped[str | None] = mapped_column(String(64), nullable=True)  # commit sha
+
+    # knobs (the CLI's)
+    budget_avg_bits: Mapped[float | None] = mapped_column(Float, nullable=True)
+    budget_gb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    bits: Mapped[list[int]] = mapped_column(JSON)
+    sensitivity: Mapped[str] = mapped_column(String(32))
+    allocator: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[str] = mapped_column(String(16))
+    granularity: Mapped[str] = mapped_column(String(16))
+    quantizer: Mapped[str] = mapped_column(String(16))
+    group_size: Mapped[int] = mapped_column(Integer)
+    symmetric: Mapped[bool] = mapped_column(Boolean, default=True)
+    probes: Mapped[int] = mapped_column(Integer)
+    calib_file: Mapped[str | None] = mapped_column(Text, nullable=True)
+    calib_samples: Mapped[int] = mapped_column(Integer)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    eval_file: Mapped[str | None] = mapped_column(Text, nullable=True)
+    eval_samples: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(32))
+    trust_remote_code: Mapped[bool] = mapped_column(Boolean, default=False)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # remaining knobs (seed, low_memory, ...)
+    push_repo_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    push_private: Mapped[bool] = mapped_column(Boolean, default=False)
+    push_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    hf_token_enc: Mapped[str | None] = mapped_column(Text, nullable=True)  # Fernet; deleted when the job ends
+
+    # sizing known at submit (from the estimate)
+    est_download_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    est_output_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+    # execution
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # times a worker started it
+    recoveries: Mapped[int] = mapped_column(Integer, default=0)  # times it was re-queued after its worker died
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # stage -> seconds
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # summary of report.json
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    events: Mapped[list[JobEvent]] = relationship(back_populates="job", cascade="all, delete-orphan",
+                                                  passive_deletes=True)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    ts: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))  # status | stage | progress | log
+    status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    progress: Mapped[float | None] = mapped_column(Float, nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    job: Mapped[Job] = relationship(back_populates="events")
+
+
+class ExpertAllocation(Base):
+    __tablename__ = "expert_allocations"
+    __table_args__ = (UniqueConstraint("job_id", "layer", "expert", name="uq_expert_allocations_job_layer_expert"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    module: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    expert: Mapped[int] = mapped_column(Integer)
+    bits: Mapped[int] = mapped_column(Integer)
+    sensitivity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    frequency: Mapped[float | None] = mapped_column(Float, nullable=True)
+    params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "kind", "name", name="uq_artifacts_job_kind_name"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # file | hub
+    name: Mapped[str] = mapped_column(String(500))  # path relative to the job's artifact dir, or the hub repo
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    hub_repo: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    hub_commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class IdempotencyRecord(Base):
+    __tablename__ = "idempotency_keys"
+
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    response_status: Mapped[int] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(100))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    current_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)

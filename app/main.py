@@ -1,0 +1,114 @@
+"""The FastAPI application (``create_app``). Never imports torch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.routes import admin, estimate, health, jobs
+from app.core.celery_conf import make_celery
+from app.core.config import Settings, get_settings
+from app.core.metrics import Metrics
+from app.core.security import Keyring, redact
+from app.db.session import make_engine, make_sessionmaker
+from app.services.errors import ServiceError
+from app.services.ratelimit import RateLimiter
+
+log = logging.getLogger("mopeq.api")
+
+DESCRIPTION = """Quantization-as-a-service for Mixture-of-Experts models (MoPEQ: per-expert mixed precision).
+
+Authenticate with `Authorization: Bearer <api key>`. Every error is `{"detail": ..., "code": ...}`."""
+
+
+def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:
+    body = {"detail": detail, "code": code, **extra}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Never echo inputs back: a rejected field may hold a token.
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e["loc"] if x != "body") or "body"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _client_went_away(exc: BaseException) -> bool:
+    import anyio
+
+    gone = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_went_away(e) for e in exc.exceptions)
+    return isinstance(exc, gone)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    app = FastAPI(title="MoPEQ service", version="0.1.0", description=DESCRIPTION,
+                  max_body_size=settings.MAX_BODY_BYTES)
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.database_url)
+    app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    app.state.keyring = Keyring(settings.secret_key())
+    app.state.celery = make_celery(settings, main="mopeq-api")
+    app.state.ratelimiter = RateLimiter()
+    app.state.metrics = Metrics(app.state)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail, exc.headers, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _clean_errors(list(exc.errors()))
+        if any(e["type"] in ("json_invalid", "json_type") for e in errors):
+            return _error(400, "malformed_json", "the request body is not valid JSON: "
+                          + _validation_message(errors), errors=errors)
+        return _error(422, "invalid_request", _validation_message(errors), errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database error on %s: %s", request.url.path, redact(str(exc.orig))[:500])
+        return _error(503, "database_unavailable", "the database is unavailable; retry later",
+                      {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        if _client_went_away(exc):  # an SSE client disconnected mid-stream: nothing to answer, nothing wrong
+            log.debug("client disconnected from %s", request.url.path)
+            return _error(499, "client_closed", "client closed the connection")
+        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, redact(str(exc))[:500])
+        return _error(500, "internal", "internal server error")
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        app.state.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
+                                          str(response.status_code)).inc()
+        return response
+
+    app.include_router(health.router)
+    app.include_router(jobs.router, prefix="/v1")
+    app.include_router(estimate.router, prefix="/v1")
+    app.include_router(admin.router, prefix="/v1")
+    return app

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+
+from app.schemas.jobs import REVISION_PATTERN, BudgetIn, Strict
+
+
+class EstimateIn(Strict):
+    model: str = Field(min_length=1, max_length=500)
+    revision: str | None = Field(None, pattern=REVISION_PATTERN)
+    bits: list[int] = Field(default_factory=lambda: [2, 3, 4], min_length=1, max_length=4)
+    group_size: int = Field(128, ge=8, le=8192)
+    symmetric: bool = True
+    budget: BudgetIn | None = Field(None, description="When given, the answer says whether it is feasible")
+    trust_remote_code: bool = False
+    hf_token: SecretStr | None = Field(None, max_length=1000, json_schema_extra={"writeOnly": True})
+
+
+class MoELayerOut(BaseModel):
+    layer: int
+    module: str
+    experts: int
+    params_per_expert: int
+
+
+class EstimateOut(BaseModel):
+    model: str
+    source: str
+    revision: str | None
+    model_type: str | None
+    architectures: list[str]
+    moe_layers: int
+    experts_per_layer: list[int]
+    num_experts: int
+    expert_params: int
+    non_expert_params: int
+    total_params: int
+    stored_bytes: int
+    non_expert_bytes: int
+    bits: list[int]
+    group_size: int
+    symmetric: bool
+    min_bytes: int
+    max_bytes: int
+    min_gb: float
+    max_gb: float
+    feasible: dict[str, Any] = Field(description="Feasible budget range in avg_bits, gb and bytes")
+    layers: list[MoELayerOut]
+    budget_feasible: bool | None = None
+    budget_message: str | None = None

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from mopeq_core.config import ALLOCATORS, FORMATS, QUANTIZERS, SENSITIVITY_METHODS
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$"
+REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetIn(Strict):
+    """Exactly one of ``avg_bits`` (mean bits per expert weight) or ``gb`` (whole model, 1e9 bytes)."""
+
+    avg_bits: float | None = Field(None, ge=1.0, le=16.0)
+    gb: float | None = Field(None, gt=0, le=1e6)
+
+    @model_validator(mode="after")
+    def _one(self) -> BudgetIn:
+        if (self.avg_bits is None) == (self.gb is None):
+            raise ValueError("budget takes exactly one of avg_bits or gb, e.g. {\"avg_bits\": 2.5}")
+        return self
+
+
+class CalibrationIn(Strict):
+    file: str | None = Field(None, max_length=1000,
+                             description="A .txt or .jsonl file under the server's model roots (default: built-in text)")
+    samples: int = Field(32, ge=1, le=100_000)
+    seq_len: int = Field(256, ge=8, le=32_768)
+
+
+class EvaluationIn(Strict):
+    file: str | None = Field(None, max_length=1000)
+    samples: int = Field(64, ge=1, le=100_000)
+
+
+class PushIn(Strict):
+    repo_id: str | None = Field(None, pattern=REPO_PATTERN,
+                                description="Target Hub repo; default {owner}/{model}-MoPEQ-{bits}b")
+    private: bool = False
+
+
+class JobCreate(Strict):
+    model: str = Field(min_length=1, max_length=500, description="Hub repo id (org/name) or a local directory "
+                                                                 "under the server's MOPEQ_MODEL_ROOTS")
+    revision: str | None = Field(None, pattern=REVISION_PATTERN, description="Branch, tag or commit (Hub models)")
+    budget: BudgetIn = Field(default_factory=lambda: BudgetIn(avg_bits=3.0))
+    bits: list[int] = Field(default_factory=lambda: [2, 3, 4], min_length=1, max_length=4)
+    sensitivity: Literal[SENSITIVITY_METHODS] = "auto"  # type: ignore[valid-type]
+    allocator: Literal[ALLOCATORS] = "knapsack"  # type: ignore[valid-type]
+    scope: Literal["model", "layer"] = "model"
+    granularity: Literal["expert", "layer"] = "expert"
+    quantizer: Literal[QUANTIZERS] = "gptq"  # type: ignore[valid-type]
+    group_size: int = Field(128, ge=8, le=8192)
+    symmetric: bool = True
+    act_order: bool = False
+    probes: int = Field(64, ge=1, le=4096)
+    calibration: CalibrationIn = Field(default_factory=CalibrationIn)
+    evaluation: EvaluationIn | None = None
+    format: Literal[FORMATS] = "mopeq"  # type: ignore[valid-type]
+    low_memory: bool = False
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    trust_remote_code: bool = Field(False, description="Run the repo's own code; only for repos the operator allows")
+    push: PushIn | None = None
+    hf_token: SecretStr | None = Field(None, max_length=1000, json_schema_extra={"writeOnly": True},
+                                       description="Write-only Hub token for this job (download and push); "
+                                                   "never returned, logged or stored in plain text")
+
+
+class BudgetOut(BaseModel):
+    avg_bits: float | None
+    gb: float | None
+
+
+class PushOut(BaseModel):
+    repo_id: str | None
+    private: bool
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    stage: str | None
+    progress: float
+    model: str
+    revision: str | None
+    resolved_revision: str | None
+    budget: BudgetOut
+    bits: list[int]
+    sensitivity: str
+    allocator: str
+    scope: str
+    granularity: str
+    quantizer: str
+    group_size: int
+    symmetric: bool
+    probes: int
+    calibration: CalibrationIn
+    evaluation: EvaluationIn | None
+    format: str
+    trust_remote_code: bool
+    push: PushOut | None
+    cancel_requested: bool
+    attempts: int
+    error: str | None
+    error_code: str | None
+    timings: dict[str, float]
+    result: dict[str, Any] | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobEventOut(BaseModel):
+    id: int
+    job_id: str
+    ts: dt.datetime
+    kind: str
+    status: str | None
+    stage: str | None
+    progress: float | None
+    message: str | None
+
+
+class AllocationOut(BaseModel):
+    layer: int
+    module: str | None
+    expert: int
+    bits: int
+    sensitivity: float | None
+    frequency: float | None
+    params: int | None
+
+
+class ArtifactOut(BaseModel):
+    kind: str
+    name: str
+    uri: str
+    sha256: str | None
+    bytes: int | None
+    hub_repo: str | None
+    hub_commit: str | None
+    download_url: str | None

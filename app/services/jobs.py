@@ -1,0 +1,232 @@
+"""Business logic of jobs: validate, create (one transaction, enqueue after commit), read, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.core.security import Keyring
+from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, utcnow
+from app.schemas.jobs import (
+    BudgetOut,
+    CalibrationIn,
+    EvaluationIn,
+    JobCreate,
+    JobOut,
+    PushOut,
+)
+from app.services import models as model_svc
+from app.services.errors import ServiceError, from_user_error, not_found
+from app.services.events import add_event
+from mopeq_core.config import Budget, QuantizeConfig
+from mopeq_core.errors import UserInputError
+
+log = logging.getLogger("mopeq.api")
+
+
+@dataclass
+class Principal:
+    key_id: str
+    scope: str
+    name: str
+    rate_limit_per_minute: int
+    max_concurrent_jobs: int
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope == "admin"
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id, status=job.status, stage=job.stage, progress=job.progress, model=job.model,
+        revision=job.revision, resolved_revision=job.resolved_revision,
+        budget=BudgetOut(avg_bits=job.budget_avg_bits, gb=job.budget_gb), bits=list(job.bits),
+        sensitivity=job.sensitivity, allocator=job.allocator, scope=job.scope, granularity=job.granularity,
+        quantizer=job.quantizer, group_size=job.group_size, symmetric=job.symmetric, probes=job.probes,
+        calibration=CalibrationIn(file=job.calib_file, samples=job.calib_samples, seq_len=job.seq_len),
+        evaluation=EvaluationIn(file=job.eval_file, samples=job.eval_samples) if job.eval_file else None,
+        format=job.format, trust_remote_code=job.trust_remote_code,
+        push=PushOut(repo_id=job.push_repo_id, private=job.push_private) if job.push_requested else None,
+        cancel_requested=job.cancel_requested, attempts=job.attempts, error=job.error, error_code=job.error_code,
+        timings=dict(job.timings or {}), result=job.result, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at)
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json", exclude={"hf_token"}), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def quantize_config(body: JobCreate) -> QuantizeConfig:
+    """The core's config for this body (paths as given); raises a 422 for out-of-range knobs."""
+    try:
+        cfg = QuantizeConfig(
+            model=body.model, revision=body.revision,
+            budget=Budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb), bits=tuple(body.bits),
+            sensitivity=body.sensitivity, allocator=body.allocator, scope=body.scope, granularity=body.granularity,
+            quantizer=body.quantizer, group_size=body.group_size, symmetric=body.symmetric,
+            act_order=body.act_order, probes=body.probes, calib_file=body.calibration.file,
+            calib_samples=body.calibration.samples, seq_len=body.calibration.seq_len,
+            eval_file=body.evaluation.file if body.evaluation else None,
+            eval_samples=body.evaluation.samples if body.evaluation else 64, format=body.format,
+            low_memory=body.low_memory, seed=body.seed, trust_remote_code=body.trust_remote_code)
+        cfg.validate()
+    except UserInputError as exc:
+        raise from_user_error(exc) from exc
+    except ValueError as exc:
+        raise ServiceError(422, "invalid_input", str(exc)) from exc
+    return cfg
+
+
+def _data_file(value: str | None, settings: Settings, what: str) -> str | None:
+    if value is None:
+        return None
+    path = model_svc.resolve_local_path(value, settings, what=what)
+    if path is None or not path.is_file():
+        raise ServiceError(422, "invalid_input",
+                           f"{what} '{value}' must be a .txt or .jsonl file under the server's model roots "
+                           "(MOPEQ_MODEL_ROOTS)")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ServiceError(422, "invalid_input", f"{what} '{value}' must end in .txt or .jsonl")
+    return str(path)
+
+
+@dataclass
+class Created:
+    status_code: int
+    body: dict[str, Any]
+    job_id: str
+    replayed: bool
+    enqueue: bool
+
+
+def _replay(rec: IdempotencyRecord, rhash: str) -> Created:
+    if rec.request_hash != rhash:
+        raise ServiceError(422, "idempotency_mismatch",
+                           "this Idempotency-Key was used with a different request body; use a new key for a new "
+                           "job, or resend the first body to get the first answer")
+    return Created(rec.response_status, rec.response_body, rec.job_id, replayed=True, enqueue=False)
+
+
+def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyring, who: Principal,
+               body: JobCreate, idem_key: str | None) -> Created:
+    rhash = request_hash(body)
+    if idem_key is not None:
+        if not (1 <= len(idem_key) <= 200) or not idem_key.isprintable():
+            raise ServiceError(422, "invalid_input", "Idempotency-Key must be 1..200 printable characters")
+        with factory() as db:
+            rec = db.get(IdempotencyRecord, (who.key_id, idem_key))
+            if rec is not None:
+                return _replay(rec, rhash)
+
+    with factory() as db:
+        active = db.scalar(select(func.count()).select_from(Job).where(
+            Job.owner_key_id == who.key_id, Job.status.in_(("queued", "running"))))
+    if active is not None and active >= who.max_concurrent_jobs:
+        raise ServiceError(429, "too_many_jobs",
+                           f"this key already has {active} queued or running jobs (limit {who.max_concurrent_jobs}); "
+                           "wait for one to finish or cancel one", headers={"Retry-After": "30"})
+
+    # Everything is checked before anything is written.
+    cfg = quantize_config(body)
+    ref = model_svc.resolve_model(body.model, settings)
+    calib = _data_file(body.calibration.file, settings, "calibration file")
+    eval_file = _data_file(body.evaluation.file if body.evaluation else None, settings, "evaluation file")
+    token = body.hf_token.get_secret_value() if body.hf_token else None
+    if body.push is not None and not token:
+        raise ServiceError(422, "invalid_input", "push needs an hf_token with write access to the target namespace")
+    ck = model_svc.inspect(ref, settings, revision=body.revision, token=token,
+                           trust_remote_code=body.trust_remote_code)
+    est = model_svc.estimate(ck, bits=list(cfg.bits), group_size=cfg.group_size, symmetric=cfg.symmetric)
+    try:
+        est.check_budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb)
+    except UserInputError as exc:
+        raise from_user_error(exc) from exc
+
+    job = Job(
+        owner_key_id=who.key_id, status="queued", progress=0.0, model=body.model, model_source=ref.source,
+        model_path=str(ref.path) if ref.path else None, revision=body.revision,
+        resolved_revision=ck.revision if ref.source == "hub" else None,
+        budget_avg_bits=body.budget.avg_bits, budget_gb=body.budget.gb, bits=list(cfg.bits),
+        sensitivity=cfg.sensitivity, allocator=cfg.allocator, scope=cfg.scope, granularity=cfg.granularity,
+        quantizer=cfg.quantizer, group_size=cfg.group_size, symmetric=cfg.symmetric, probes=cfg.probes,
+        calib_file=calib, calib_samples=cfg.calib_samples, seq_len=cfg.seq_len, eval_file=eval_file,
+        eval_samples=cfg.eval_samples, format=cfg.format, trust_remote_code=cfg.trust_remote_code,
+        options={"act_order": cfg.act_order, "low_memory": cfg.low_memory, "seed": cfg.seed},
+        push_requested=body.push is not None, push_repo_id=body.push.repo_id if body.push else None,
+        push_private=body.push.private if body.push else False,
+        hf_token_enc=keyring.encrypt(token) if token else None,
+        est_download_bytes=est.stored_bytes if ref.source == "hub" else 0, est_output_bytes=est.max_bytes,
+        timings={})
+    try:
+        with factory() as db, db.begin():
+            db.add(job)
+            db.flush()
+            add_event(db, job.id, "status", status="queued", progress=0.0, message="job queued")
+            out = job_out(job).model_dump(mode="json")
+            if idem_key is not None:
+                db.add(IdempotencyRecord(api_key_id=who.key_id, key=idem_key, request_hash=rhash, job_id=job.id,
+                                         response_status=202, response_body=out))
+    except IntegrityError:
+        if idem_key is None:
+            raise
+        with factory() as db:  # a concurrent request with the same key won the race
+            rec = db.get(IdempotencyRecord, (who.key_id, idem_key))
+            if rec is None:
+                raise
+            return _replay(rec, rhash)
+    return Created(202, out, job.id, replayed=False, enqueue=True)
+
+
+def get_owned(db: Session, who: Principal, job_id: str) -> Job:
+    job = db.get(Job, job_id) if len(job_id) <= 64 else None
+    if job is None or (job.owner_key_id != who.key_id and not who.is_admin):
+        raise not_found()
+    return job
+
+
+def list_jobs(db: Session, who: Principal, *, status: str | None, model: str | None, limit: int,
+              offset: int) -> tuple[list[Job], int]:
+    q = select(Job)
+    if not who.is_admin:
+        q = q.where(Job.owner_key_id == who.key_id)
+    if status:
+        q = q.where(Job.status == status)
+    if model:
+        q = q.where(Job.model == model)
+    total = db.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = list(db.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)))
+    return rows, total
+
+
+def cancel_job(factory: sessionmaker[Session], who: Principal, job_id: str) -> Job:
+    with factory() as db, db.begin():
+        job = get_owned(db, who, job_id)
+        if job.status in TERMINAL:
+            raise ServiceError(409, "not_cancellable", f"job {job.id} already {job.status}")
+        now = utcnow()
+        done = db.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
+            status="cancelled", cancel_requested=True, finished_at=now, hf_token_enc=None, updated_at=now,
+            error="cancelled by the user before it started", error_code="cancelled"))
+        if done.rowcount == 1:
+            add_event(db, job.id, "status", status="cancelled", message="cancelled before it started")
+        else:
+            db.execute(update(Job).where(Job.id == job.id, Job.status == "running").values(
+                cancel_requested=True, updated_at=now))
+            add_event(db, job.id, "log", message="cancel requested; the worker stops at its next check")
+    with factory() as db:
+        return get_owned(db, who, job_id)
+
+
+def allocations(db: Session, job_id: str) -> list[ExpertAllocation]:
+    return list(db.scalars(select(ExpertAllocation).where(ExpertAllocation.job_id == job_id)
+                           .order_by(ExpertAllocation.layer, ExpertAllocation.expert)))

@@ -1,0 +1,145 @@
+"""Claims and orphan recovery.
+
+A job is claimed with one conditional UPDATE (queued -> running, or running with a stale heartbeat), so two
+workers never run the same job even when the broker delivers its message twice. A worker that starts, and every
+living worker every MOPEQ_SWEEP_INTERVAL_S, re-queues the jobs of dead workers (they resume from their last
+finished stage) or fails them after MOPEQ_MAX_RECOVERIES resumes; no job stays ``running`` forever."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+from sqlalchemy import and_, false, or_, select, update
+
+from app.core.celery_conf import enqueue
+from app.db.models import Job, Worker, utcnow
+from app.services.events import add_event
+
+if TYPE_CHECKING:
+    from worker.context import WorkerContext
+
+log = logging.getLogger("mopeq.worker")
+
+
+def claim(ctx: WorkerContext, job_id: str) -> bool:
+    """Atomically take the job for this worker. True when this worker now owns it.
+
+    A queued job is taken as is; a running job only when its worker's heartbeat is stale (a redelivered message
+    of a dead worker), which counts as a recovery."""
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=ctx.settings.HEARTBEAT_STALE_S)
+    taken = {"status": "running", "worker_id": ctx.worker_id, "heartbeat_at": now, "attempts": Job.attempts + 1,
+             "updated_at": now}
+    with ctx.factory() as db, db.begin():
+        res = db.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(**taken)
+                         .execution_options(synchronize_session=False))
+        if res.rowcount == 1:
+            return True
+        res = db.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.worker_id != ctx.worker_id,
+                   Job.recoveries < ctx.settings.MAX_RECOVERIES,
+                   or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
+            .values(recoveries=Job.recoveries + 1, **taken)
+            .execution_options(synchronize_session=False))
+        return res.rowcount == 1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_worker_ids(ctx: WorkerContext) -> set[str]:
+    """Workers known dead: heartbeat older than the stale limit, or on this host with a vanished pid and at least
+    two missed heartbeats (so a kill -9 is noticed within seconds, not minutes)."""
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=ctx.settings.HEARTBEAT_STALE_S)
+    missed = now - dt.timedelta(seconds=2 * ctx.settings.HEARTBEAT_INTERVAL_S)
+    dead: set[str] = set()
+    with ctx.factory() as db:
+        for w in db.scalars(select(Worker).where(Worker.id != ctx.worker_id)):
+            if w.stopped_at is not None or w.heartbeat_at < stale or w.hostname == ctx.hostname and w.heartbeat_at < missed and not _pid_alive(w.pid):
+                dead.add(w.id)
+    return dead
+
+
+def remove_job_files(ctx: WorkerContext, job_id: str) -> None:
+    for path in (ctx.settings.artifact_dir / job_id, ctx.settings.work_dir / job_id):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep(ctx: WorkerContext) -> dict[str, int]:
+    """Re-queue or fail orphaned jobs; publish jobs whose first publish failed. Returns counts."""
+    s = ctx.settings
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=s.HEARTBEAT_STALE_S)
+    dead = dead_worker_ids(ctx)
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "published": 0}
+    with ctx.factory() as db:
+        orphans = list(db.scalars(select(Job).where(
+            Job.status == "running", Job.worker_id != ctx.worker_id,
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale,
+                Job.worker_id.in_(dead) if dead else false()))))
+        unpublished = list(db.scalars(select(Job.id).where(
+            Job.status == "queued", Job.enqueued_at.is_(None), Job.created_at < now - dt.timedelta(seconds=10))))
+    for job in orphans:
+        cond = and_(Job.id == job.id, Job.status == "running", Job.worker_id == job.worker_id,
+                    Job.heartbeat_at == job.heartbeat_at if job.heartbeat_at else Job.heartbeat_at.is_(None))
+        who = job.worker_id or "unknown"
+        with ctx.factory() as db, db.begin():
+            if job.cancel_requested:
+                res = db.execute(update(Job).where(cond).values(
+                    status="cancelled", finished_at=now, hf_token_enc=None, error_code="cancelled",
+                    error="cancelled (its worker was lost)", updated_at=now))
+                if res.rowcount:
+                    add_event(db, job.id, "status", status="cancelled", message=f"worker {who} lost; job cancelled")
+                    counts["cancelled"] += 1
+                    remove_job_files(ctx, job.id)
+                continue
+            if job.recoveries >= s.MAX_RECOVERIES:
+                msg = (f"its worker was lost {job.recoveries + 1} times (last: {who}); giving up after "
+                       f"MOPEQ_MAX_RECOVERIES={s.MAX_RECOVERIES} resumes")
+                res = db.execute(update(Job).where(cond).values(
+                    status="failed", finished_at=now, hf_token_enc=None, error=msg, error_code="worker_lost",
+                    updated_at=now))
+                if res.rowcount:
+                    add_event(db, job.id, "status", status="failed", message=msg)
+                    counts["failed"] += 1
+                    remove_job_files(ctx, job.id)
+                continue
+            res = db.execute(update(Job).where(cond).values(status="queued", worker_id=None, heartbeat_at=None,
+                                                            recoveries=Job.recoveries + 1, enqueued_at=None,
+                                                            updated_at=now))
+            if res.rowcount:
+                add_event(db, job.id, "status", status="queued", stage=job.stage,
+                          message=f"worker {who} lost; job re-queued, it resumes from its last finished stage")
+                counts["requeued"] += 1
+        if res.rowcount:
+            _publish(ctx, job.id)
+    for job_id in unpublished:
+        if _publish(ctx, job_id):
+            counts["published"] += 1
+    if any(counts.values()):
+        log.info("recovery sweep: %s", counts)
+    return counts
+
+
+def _publish(ctx: WorkerContext, job_id: str) -> bool:
+    try:
+        enqueue(ctx.celery, ctx.settings, job_id)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - retried by the next sweep (enqueued_at stays NULL)
+        log.warning("could not publish job %s: %s", job_id, type(exc).__name__)
+        return False
+    with ctx.factory() as db, db.begin():
+        db.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(enqueued_at=utcnow()))
+    return True

@@ -1,0 +1,430 @@
+"""Runs one job: claim -> QuantizeConfig -> run_quantization (stage files in the work dir, so a redelivered job
+resumes) -> allocation and artifact rows -> push -> final status. Progress and stage events go to job_events; the
+cancel flag and the job timeout are polled from inside the pipeline's hooks."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app.core.security import forget_secret, redact, register_secret
+from app.db.models import Artifact, ExpertAllocation, Job, utcnow
+from app.services.errors import error_code
+from app.services.events import add_event
+from mopeq_core.errors import CancelledError, UserInputError
+from worker.context import Current, WorkerContext
+from worker.recovery import claim, remove_job_files
+
+log = logging.getLogger("mopeq.worker")
+STAGE_ORDER = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export", "push")
+
+
+class TransientError(Exception):
+    """The database, broker or Hub hiccuped; Celery retries the task (the claim was released)."""
+
+
+class DiskSpaceError(Exception):
+    pass
+
+
+class _Stop(Exception):
+    """Internal: the job was finished elsewhere (lost claim)."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (OperationalError,)) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return True
+    try:
+        from kombu.exceptions import OperationalError as KombuOperationalError
+
+        if isinstance(exc, KombuOperationalError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse_delays(spec: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        if ":" in part:
+            stage, secs = part.split(":", 1)
+            try:
+                out[stage.strip()] = float(secs)
+            except ValueError:
+                pass
+    return out
+
+
+class JobRun:
+    def __init__(self, ctx: WorkerContext, job_id: str):
+        self.ctx = ctx
+        self.s = ctx.settings
+        self.job_id = job_id
+        self.token: str | None = None
+        self.stage: str | None = None
+        self.stage_started = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self.last_progress_write = 0.0
+        self.last_cancel_check = 0.0
+        self.cancel_flag = False
+        self.timed_out = False
+        self.started = time.monotonic()
+        self.delays = _parse_delays(self.s.DEBUG_STAGE_DELAY)
+        self.out_dir = self.s.artifact_dir / job_id
+        self.state_dir = self.s.work_dir / job_id / "state"
+
+    # ---- database helpers -----------------------------------------------------------------------------------------
+    def _mine(self):
+        return (Job.id == self.job_id, Job.worker_id == self.ctx.worker_id, Job.status == "running")
+
+    def _update(self, event: dict[str, Any] | None = None, **values: Any) -> bool:
+        with self.ctx.factory() as db, db.begin():
+            res = db.execute(update(Job).where(*self._mine()).values(updated_at=utcnow(), **values))
+            if res.rowcount == 1 and event is not None:
+                add_event(db, self.job_id, **event)
+            return res.rowcount == 1
+
+    def _finish(self, status: str, message: str, *, error: str | None = None, code: str | None = None,
+                **values: Any) -> bool:
+        ok = self._update({"kind": "status", "status": status, "stage": self.stage, "message": message},
+                          status=status, finished_at=utcnow(), hf_token_enc=None, error=error, error_code=code,
+                          timings=self.timings, **values)
+        if not ok:
+            log.warning("job %s: could not record '%s' (claim lost)", self.job_id, status)
+        return ok
+
+    # ---- hooks given to the pipeline ------------------------------------------------------------------------------
+    def on_event(self, ev: Any) -> None:
+        stage = getattr(ev, "stage", None)
+        overall = float(getattr(ev, "overall", 0.0) or 0.0)
+        message = getattr(ev, "message", None)
+        now = time.monotonic()
+        if stage != self.stage:
+            if self.stage is not None:
+                self.timings[self.stage] = round(self.timings.get(self.stage, 0.0) + now - self.stage_started, 3)
+            self.stage, self.stage_started = stage, now
+            self._update({"kind": "stage", "stage": stage, "progress": overall,
+                          "message": redact(message) if message else f"stage {stage} started"},
+                         stage=stage, progress=overall, timings=self.timings)
+            self.last_progress_write = now
+            self._debug_delay(stage)
+        elif now - self.last_progress_write >= 1.0 or message:
+            self._update({"kind": "progress", "stage": stage, "progress": overall,
+                          "message": redact(message) if message else None}, progress=overall)
+            self.last_progress_write = now
+        self._raise_if_stopping()
+
+    def _debug_delay(self, stage: str | None) -> None:
+        secs = self.delays.get(stage or "")
+        if not secs:
+            return
+        log.info("job %s: fault-injection delay of %.1f s at the start of %s", self.job_id, secs, stage)
+        end = time.monotonic() + secs
+        while time.monotonic() < end:
+            time.sleep(0.1)
+            self._raise_if_stopping()
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        cur = self.ctx.current
+        if cur is not None and cur.lost_claim:
+            return True
+        if self.ctx.shutdown.is_set():
+            return True
+        if now - self.started > self.s.JOB_TIMEOUT_S:
+            self.timed_out = True
+            return True
+        if now - self.last_cancel_check >= 0.5:
+            self.last_cancel_check = now
+            with self.ctx.factory() as db:
+                self.cancel_flag = bool(db.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+        return self.cancel_flag
+
+    def _raise_if_stopping(self) -> None:
+        if self.should_cancel():
+            raise CancelledError("stopped")
+
+    # ---- the run ---------------------------------------------------------------------------------------------------
+    def run(self) -> str:
+        if not claim(self.ctx, self.job_id):
+            with self.ctx.factory() as db:
+                job = db.get(Job, self.job_id)
+            log.info("job %s not claimed (%s); nothing to do", self.job_id,
+                     "unknown job" if job is None else f"status {job.status}, worker {job.worker_id}")
+            return "skipped"
+        self.ctx.current = Current(self.job_id, time.monotonic())
+        try:
+            return self._run_claimed()
+        finally:
+            self.ctx.current = None
+            forget_secret(self.token)
+            self.token = None
+            _free_memory()
+
+    def _run_claimed(self) -> str:
+        with self.ctx.factory() as db:
+            job = db.get(Job, self.job_id)
+            assert job is not None
+            db.expunge(job)
+        self.timings = dict(job.timings or {})
+        self.stage = job.stage
+        resumed = job.attempts > 1
+        try:
+            self._update({"kind": "status", "status": "running", "stage": job.stage,
+                          "message": (f"resumed by worker {self.ctx.worker_id} (attempt {job.attempts}); finished "
+                                      "stages are skipped" if resumed else
+                                      f"started on worker {self.ctx.worker_id}")},
+                         started_at=job.started_at or utcnow())
+            if job.hf_token_enc:
+                self.token = self.ctx.keyring.decrypt(job.hf_token_enc)
+                register_secret(self.token)
+            if job.cancel_requested:
+                raise CancelledError("cancelled before start")
+            cfg = self._config(job)
+            self._check_disk(job)
+            from mopeq_core import pipeline
+
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            result = pipeline.run_quantization(cfg, self.out_dir, state_dir=self.state_dir, on_event=self.on_event,
+                                               should_cancel=self.should_cancel)
+            self._close_stage()
+            self._record_results(job, result)
+            if job.push_requested:
+                self._push(job)
+            self._close_stage()
+            ok = self._finish("succeeded", "job succeeded", progress=1.0, stage=None)
+            shutil.rmtree(self.s.work_dir / self.job_id, ignore_errors=True)
+            return "succeeded" if ok else "lost"
+        except CancelledError:
+            return self._stopped()
+        except UserInputError as exc:
+            msg = redact(str(exc))
+            self._finish("failed", f"failed: {msg}", error=msg, code=error_code(exc))
+            remove_job_files(self.ctx, self.job_id)
+            return "failed"
+        except DiskSpaceError as exc:
+            self._finish("failed", f"failed: {exc}", error=str(exc), code="disk_space")
+            remove_job_files(self.ctx, self.job_id)
+            return "failed"
+        except Exception as exc:
+            if _is_transient(exc):
+                self._release(f"transient error ({type(exc).__name__}); the job will be retried")
+                raise TransientError(redact(f"{type(exc).__name__}: {exc}")[:500]) from None
+            log.exception("job %s failed in stage %s", self.job_id, self.stage)
+            msg = redact(f"internal error in stage {self.stage or 'setup'}: {type(exc).__name__}: {exc}")[:2000]
+            self._finish("failed", msg, error=msg, code="internal")
+            remove_job_files(self.ctx, self.job_id)
+            return "failed"
+
+    def _close_stage(self) -> None:
+        if self.stage is not None:
+            self.timings[self.stage] = round(self.timings.get(self.stage, 0.0) + time.monotonic()
+                                             - self.stage_started, 3)
+            self.stage_started = time.monotonic()
+
+    def _stopped(self) -> str:
+        cur = self.ctx.current
+        if cur is not None and cur.lost_claim:
+            log.warning("job %s: stopped, another worker owns it now", self.job_id)
+            return "lost"
+        if self.timed_out:
+            msg = f"job timed out after {self.s.JOB_TIMEOUT_S} s (MOPEQ_JOB_TIMEOUT_S)"
+            self._finish("failed", msg, error=msg, code="timeout")
+            remove_job_files(self.ctx, self.job_id)
+            return "failed"
+        if self.ctx.shutdown.is_set() and not self.cancel_flag:
+            with self.ctx.factory() as db:
+                cancel = bool(db.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            if not cancel:
+                self._release("worker shutting down; the job is re-queued and resumes from its last finished "
+                              "stage", republish=True)
+                return "released"
+        self._close_stage()
+        with self.ctx.factory() as db, db.begin():
+            res = db.execute(update(Job).where(*self._mine()).values(
+                status="cancelled", finished_at=utcnow(), hf_token_enc=None, error="cancelled by the user",
+                error_code="cancelled", timings=self.timings, updated_at=utcnow()))
+            if res.rowcount:
+                db.execute(delete(ExpertAllocation).where(ExpertAllocation.job_id == self.job_id))
+                db.execute(delete(Artifact).where(Artifact.job_id == self.job_id))
+                add_event(db, self.job_id, "status", status="cancelled", stage=self.stage,
+                          message="cancelled; its files were removed")
+        remove_job_files(self.ctx, self.job_id)
+        return "cancelled"
+
+    def _release(self, message: str, republish: bool = False) -> None:
+        try:
+            with self.ctx.factory() as db, db.begin():
+                # A Celery retry publishes the task again itself (enqueued_at set); otherwise publish below.
+                res = db.execute(update(Job).where(*self._mine()).values(
+                    status="queued", worker_id=None, heartbeat_at=None, timings=self.timings,
+                    enqueued_at=None if republish else utcnow(), updated_at=utcnow()))
+                if res.rowcount:
+                    add_event(db, self.job_id, "status", status="queued", stage=self.stage, message=message)
+        except Exception as exc:  # noqa: BLE001 - the database may be what failed; the sweep recovers it later
+            log.warning("job %s: could not release the claim (%s)", self.job_id, type(exc).__name__)
+            return
+        if republish:
+            from worker.recovery import _publish
+
+            _publish(self.ctx, self.job_id)
+
+    # ---- pieces ----------------------------------------------------------------------------------------------------
+    def _config(self, job: Job):
+        from mopeq_core.config import Budget, QuantizeConfig
+
+        if job.model_source == "local":
+            path = Path(job.model_path or job.model).resolve()
+            roots = self.s.model_roots
+            if not any(path == r or path.is_relative_to(r) for r in roots):
+                raise UserInputError(f"model path '{job.model}' is no longer inside the worker's model roots "
+                                     "(MOPEQ_MODEL_ROOTS)")
+            model, revision = str(path), None
+        else:
+            model, revision = job.model, job.resolved_revision or job.revision
+        opts = job.options or {}
+        cfg = QuantizeConfig(
+            model=model, revision=revision, budget=Budget(avg_bits=job.budget_avg_bits, gb=job.budget_gb),
+            bits=tuple(job.bits), sensitivity=job.sensitivity, allocator=job.allocator, scope=job.scope,
+            granularity=job.granularity, quantizer=job.quantizer, group_size=job.group_size,
+            symmetric=job.symmetric, act_order=bool(opts.get("act_order", False)), probes=job.probes,
+            calib_file=job.calib_file, calib_samples=job.calib_samples, seq_len=job.seq_len,
+            eval_file=job.eval_file, eval_samples=job.eval_samples, device=self._device(),
+            low_memory=bool(opts.get("low_memory", False)), format=job.format,
+            trust_remote_code=job.trust_remote_code, allow_pickle=self.s.ALLOW_PICKLE,
+            seed=int(opts.get("seed", 0)), token=self.token)
+        cfg.validate()
+        return cfg
+
+    def _device(self) -> str:
+        dev = self.s.WORKER_DEVICE
+        if dev != "auto":
+            return dev
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _check_disk(self, job: Job) -> None:
+        def free(p: Path) -> int:
+            p = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
+            return shutil.disk_usage(p).free
+
+        margin = int(self.s.MIN_FREE_DISK_GB * 1e9)
+        need_out = int((job.est_output_bytes or 0) * 1.2) + margin
+        have_out = free(self.out_dir)
+        if have_out < need_out:
+            raise DiskSpaceError(f"not enough disk space for the output on the worker: need {need_out / 1e9:.2f} GB "
+                                 f"(estimate + MOPEQ_MIN_FREE_DISK_GB), have {have_out / 1e9:.2f} GB")
+        if job.model_source == "hub" and job.est_download_bytes:
+            from huggingface_hub import constants
+
+            cache = Path(constants.HF_HUB_CACHE)
+            need = int(job.est_download_bytes * 1.05) + margin
+            have = free(cache)
+            if have < need:
+                raise DiskSpaceError(f"not enough disk space to download the model into {cache}: need "
+                                     f"{need / 1e9:.2f} GB, have {have / 1e9:.2f} GB")
+
+    def _record_results(self, job: Job, result: Any) -> None:
+        """One transaction: allocation rows from bitmap.json and one artifact row per file (replacing any from an
+        earlier attempt, so a resumed job never has two artifact sets)."""
+        bitmap_path = self.out_dir / "bitmap.json"
+        bitmap = json.loads(bitmap_path.read_text()) if bitmap_path.is_file() else (result.bitmap or {})
+        report = getattr(result, "report", None) or {}
+        rows: list[ExpertAllocation] = []
+        for layer in bitmap.get("layers", []):
+            for e in layer.get("experts", []):
+                rows.append(ExpertAllocation(job_id=self.job_id, layer=int(layer["layer"]), module=layer.get("module"),
+                                             expert=int(e["expert"]), bits=int(e["bits"]),
+                                             sensitivity=e.get("sensitivity"), frequency=e.get("frequency"),
+                                             params=e.get("params")))
+        files = sorted(p for p in self.out_dir.rglob("*") if p.is_file() and not p.is_symlink())
+        arts = [Artifact(job_id=self.job_id, kind="file", name=p.relative_to(self.out_dir).as_posix(),
+                         uri=p.resolve().as_uri(), sha256=_sha256(p), bytes=p.stat().st_size) for p in files]
+        summary = {k: bitmap.get(k) for k in ("avg_bits", "expert_bytes", "total_bytes") if k in bitmap}
+        for k in ("ppl_fp", "ppl_quant", "perplexity", "coverage", "calib_tokens"):
+            if k in report:
+                summary[k] = report[k]
+        summary["files"] = len(arts)
+        revision = getattr(result, "resolved_revision", None) or job.resolved_revision
+        with self.ctx.factory() as db, db.begin():
+            owned = db.execute(update(Job).where(*self._mine()).values(
+                resolved_revision=revision, result=summary, timings=self.timings,
+                stage="push" if job.push_requested else self.stage, updated_at=utcnow()))
+            if owned.rowcount != 1:
+                raise CancelledError("claim lost")
+            db.execute(delete(ExpertAllocation).where(ExpertAllocation.job_id == self.job_id))
+            db.execute(delete(Artifact).where(Artifact.job_id == self.job_id, Artifact.kind == "file"))
+            db.add_all(rows)
+            db.add_all(arts)
+            add_event(db, self.job_id, "log", stage=self.stage,
+                      message=f"recorded {len(rows)} expert allocations and {len(arts)} artifact files")
+
+    def _push(self, job: Job) -> None:
+        with self.ctx.factory() as db:
+            done = db.scalar(select(Artifact).where(Artifact.job_id == self.job_id, Artifact.kind == "hub"))
+        if done is not None:
+            log.info("job %s: already pushed to %s", self.job_id, done.hub_repo)
+            return
+        self._close_stage()
+        self.stage, self.stage_started = "push", time.monotonic()
+        self._update({"kind": "stage", "stage": "push", "progress": 0.97, "message": "pushing to the Hub"},
+                     stage="push", progress=0.97)
+        self._raise_if_stopping()
+        if not self.token:
+            raise UserInputError("push needs the job's hf_token, which is no longer available")
+        from huggingface_hub.errors import HfHubHTTPError
+
+        from worker.push import push_folder
+
+        avg = (json.loads((self.out_dir / "bitmap.json").read_text()).get("avg_bits")
+               if (self.out_dir / "bitmap.json").is_file() else job.budget_avg_bits)
+        try:
+            res = push_folder(self.out_dir, model=job.model, avg_bits=avg, token=self.token,
+                              repo_id=job.push_repo_id, private=job.push_private)
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                raise UserInputError(redact(f"the Hub refused the push (HTTP {status}): {exc}")) from None
+            raise ConnectionError(redact(f"Hub push failed (HTTP {status})")) from None
+        with self.ctx.factory() as db, db.begin():
+            db.add(Artifact(job_id=self.job_id, kind="hub", name=res.repo_id, uri=res.url, hub_repo=res.repo_id,
+                            hub_commit=res.commit))
+            add_event(db, self.job_id, "log", stage="push", message=f"pushed to {res.repo_id} ({res.commit})")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+                log.info("GPU memory after the job: %.1f MiB allocated, %.1f MiB reserved",
+                         torch.cuda.memory_allocated() / 2**20, torch.cuda.memory_reserved() / 2**20)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("could not empty the CUDA cache: %s", exc)
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> str:
+    return JobRun(ctx, job_id).run()

@@ -1,0 +1,43 @@
+"""Celery task of the GPU queue. The task is idempotent: it does nothing unless its database claim succeeds."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import Reject
+from sqlalchemy import update
+
+from app.core.celery_conf import TASK_NAME
+from app.core.config import get_settings
+from app.db.models import Job, utcnow
+from app.services.events import add_event
+from worker.celery_app import celery_app
+from worker.context import get_context
+from worker.runner import TransientError, run_job
+
+log = logging.getLogger("mopeq.worker")
+
+
+@celery_app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+                 max_retries=get_settings().TRANSIENT_RETRIES)
+def run_job_task(self, job_id: str) -> str:
+    ctx = get_context()
+    if ctx.shutdown.is_set():
+        # Received while shutting down (e.g. the job this worker just released): hand it back to the broker.
+        raise Reject("worker shutting down", requeue=True)
+    try:
+        outcome = run_job(ctx, job_id)
+    except TransientError as exc:
+        if self.request.retries >= self.max_retries:
+            msg = f"gave up after {self.max_retries} retries of a transient error: {exc}"
+            with ctx.factory() as db, db.begin():
+                res = db.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+                    status="failed", error=msg, error_code="transient", finished_at=utcnow(), hf_token_enc=None))
+                if res.rowcount:
+                    add_event(db, job_id, "status", status="failed", message=msg)
+            return "failed"
+        countdown = min(60, 2 ** self.request.retries)
+        log.warning("job %s: %s; retrying in %s s", job_id, exc, countdown)
+        raise self.retry(countdown=countdown) from None
+    log.info("job %s: %s", job_id, outcome)
+    return outcome
