@@ -144,8 +144,11 @@ def _mount_optional(module: str, attr: str, name: str, help_text: str) -> None:
     """Sub-apps that live in other packages (remote commands, admin); absent ones are skipped."""
     try:
         sub = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return
+    except ModuleNotFoundError as exc:
+        # Only a missing package (e.g. the service not installed) is skipped; a broken module must be loud.
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            return
+        raise
     if name:
         app.add_typer(sub, name=name, help=help_text)
     else:

@@ -1,0 +1,1165 @@
+"""Python SDK of the MoPEQ service: :class:`MopeqClient` (sync) and :class:`AsyncMopeqClient` (asyncio), over httpx.
+
+Never imports torch. Configuration: ``url`` / ``api_key`` arguments, else ``MOPEQ_URL`` / ``MOPEQ_API_KEY``
+(``MOPEQ_MAX_RETRIES`` sets the retry count). Every error the service answers with is raised as a
+:mod:`mopeq_client.errors` exception carrying the server's message.
+
+Retries: 429, 502, 503 and 504 answers and connection failures are retried with exponential backoff and jitter,
+honouring ``Retry-After``. ``submit`` sends one ``Idempotency-Key`` (uuid4) per logical submit and reuses it on
+its own retries, so a retried submit never makes two jobs.
+
+::
+
+    from mopeq_client import MopeqClient
+    with MopeqClient("http://127.0.0.1:8000", api_key="...") as c:
+        job = c.submit("org/model", avg_bits=3, quantizer="rtn")
+        job = c.wait(job.id)                     # progress bar; follows the SSE stream
+        print(job.status, c.bitmap(job.id)["avg_bits"])
+        c.download(job.id, "out/")               # every file, SHA-256 checked, written atomically
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import datetime as dt
+import email.utils
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from mopeq_client.errors import (
+    AuthenticationError,
+    ChecksumError,
+    ConflictError,
+    MopeqAPIError,
+    NotFoundError,
+    ServiceUnreachableError,
+    StreamError,
+    ValidationError,
+    WaitTimeoutError,
+    error_class,
+)
+
+__version__ = "0.1.0"
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+# ---- typed results --------------------------------------------------------------------------------------------------
+def _dt(value: Any) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    try:
+        return dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+class _Model:
+    """Dataclass mixin: build from the server's JSON, keep the whole object in ``raw`` (new fields stay reachable)."""
+
+    raw: dict[str, Any]
+    _dates: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)} - {"raw"}  # type: ignore[arg-type]
+        kw = {k: data.get(k) for k in names}
+        for k in cls._dates:
+            kw[k] = _dt(kw.get(k))
+        return cls(**kw, raw=dict(data))  # type: ignore[call-arg]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.raw)
+
+
+@dataclass
+class Job(_Model):
+    """A quantization job (``GET /v1/jobs/{id}``)."""
+
+    id: str
+    status: str
+    stage: str | None = None
+    progress: float = 0.0
+    model: str | None = None
+    revision: str | None = None
+    resolved_revision: str | None = None
+    budget: dict[str, Any] | None = None
+    bits: list[int] | None = None
+    sensitivity: str | None = None
+    allocator: str | None = None
+    scope: str | None = None
+    granularity: str | None = None
+    quantizer: str | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    probes: int | None = None
+    format: str | None = None
+    trust_remote_code: bool | None = None
+    calibration: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    push: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    error: str | None = None
+    error_code: str | None = None
+    timings: dict[str, float] | None = None
+    result: dict[str, Any] | None = None
+    created_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    _dates = ("created_at", "started_at", "finished_at")
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def perplexity(self) -> dict[str, Any] | None:
+        """``result.perplexity`` (``fp_perplexity``, ``quantized_perplexity``, ``increase_pct``) when measured."""
+        ppl = (self.result or {}).get("perplexity")
+        return ppl if isinstance(ppl, dict) else None
+
+    @property
+    def ppl_increase_pct(self) -> float | None:
+        """How much the quantized model's perplexity rose over full precision, in %; None when not measured
+        (a job measures perplexity only with an evaluation file)."""
+        ppl = self.perplexity or {}
+        inc = ppl.get("increase_pct")
+        if isinstance(inc, (int, float)):
+            return float(inc)
+        fp, q = ppl.get("fp_perplexity"), ppl.get("quantized_perplexity")
+        if isinstance(fp, (int, float)) and isinstance(q, (int, float)) and fp > 0:
+            return 100.0 * (q / fp - 1.0)
+        return None
+
+
+@dataclass
+class JobList(_Model):
+    """A page of ``GET /v1/jobs`` (newest first)."""
+
+    items: list[Job]
+    total: int = 0
+    limit: int = 50
+    offset: int = 0
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobList:
+        return cls(items=[Job.from_dict(j) for j in data.get("items", [])], total=int(data.get("total", 0)),
+                   limit=int(data.get("limit", 50)), offset=int(data.get("offset", 0)), raw=dict(data))
+
+    @property
+    def next_offset(self) -> int | None:
+        """The ``offset`` (or ``cursor``) of the next page, None on the last one."""
+        nxt = self.offset + len(self.items)
+        return nxt if self.items and nxt < self.total else None
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class Event(_Model):
+    """One Server-Sent Event of ``GET /v1/jobs/{id}/events``.
+
+    ``event`` is the SSE event name (the kind: ``status``, ``stage``, ``progress``, ``log``; ``end`` closes the
+    stream), ``id`` the event id (for ``Last-Event-ID``) and ``data`` the decoded JSON payload."""
+
+    event: str
+    id: int | None = None
+    data: Any = None
+    retry: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _get(self, key: str) -> Any:
+        return self.data.get(key) if isinstance(self.data, dict) else None
+
+    @property
+    def kind(self) -> str:
+        return self._get("kind") or self.event
+
+    @property
+    def status(self) -> str | None:
+        return self._get("status")
+
+    @property
+    def stage(self) -> str | None:
+        return self._get("stage")
+
+    @property
+    def progress(self) -> float | None:
+        p = self._get("progress")
+        return float(p) if isinstance(p, (int, float)) else None
+
+    @property
+    def message(self) -> str | None:
+        return self._get("message")
+
+    @property
+    def ts(self) -> dt.datetime | None:
+        return _dt(self._get("ts"))
+
+
+@dataclass
+class Estimate(_Model):
+    """``POST /v1/estimate``: size, experts and the feasible budget range of a model, from its headers only."""
+
+    model: str
+    source: str | None = None
+    revision: str | None = None
+    model_type: str | None = None
+    architectures: list[str] | None = None
+    moe_layers: int | None = None
+    experts_per_layer: list[int] | None = None
+    num_experts: int | None = None
+    expert_params: int | None = None
+    non_expert_params: int | None = None
+    total_params: int | None = None
+    stored_bytes: int | None = None
+    min_bytes: int | None = None
+    max_bytes: int | None = None
+    min_gb: float | None = None
+    max_gb: float | None = None
+    bits: list[int] | None = None
+    group_size: int | None = None
+    feasible: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] | None = None
+    budget_feasible: bool | None = None
+    budget_message: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Artifact(_Model):
+    """One artifact of a job: a stored file (``kind == "file"``, downloadable) or a Hub push (``kind == "hub"``)."""
+
+    kind: str
+    name: str
+    uri: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    hub_repo: str | None = None
+    hub_commit: str | None = None
+    download_url: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+Bitmap = dict  # bitmap.json (format_version 1), as a plain dict
+
+
+def bitmap_rows(bitmap: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per expert: layer, module, expert, bits, sensitivity, frequency, params."""
+    rows = []
+    for layer in bitmap.get("layers", []):
+        for e in layer.get("experts", []):
+            rows.append({"layer": layer.get("layer"), "module": layer.get("module"), "expert": e.get("expert"),
+                         "bits": e.get("bits"), "sensitivity": e.get("sensitivity"),
+                         "frequency": e.get("frequency"), "params": e.get("params")})
+    return rows
+
+
+# ---- request bodies ---------------------------------------------------------------------------------------------------
+def _bits(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [int(x) for x in value.split(",") if x.strip()]
+    return [int(x) for x in value]
+
+
+def _budget(avg_bits: float | None, budget_gb: float | None, budget: dict[str, Any] | None) -> dict[str, Any] | None:
+    if budget is not None:
+        return dict(budget)
+    if avg_bits is None and budget_gb is None:
+        return None
+    out: dict[str, Any] = {}
+    if avg_bits is not None:
+        out["avg_bits"] = float(avg_bits)
+    if budget_gb is not None:
+        out["gb"] = float(budget_gb)  # both given: the server answers 422 "exactly one"
+    return out
+
+
+def job_body(model: str, *, revision: str | None = None, avg_bits: float | None = None,
+             budget_gb: float | None = None, budget: dict[str, Any] | None = None, bits: Any = None,
+             sensitivity: str | None = None, allocator: str | None = None, scope: str | None = None,
+             granularity: str | None = None, quantizer: str | None = None, group_size: int | None = None,
+             symmetric: bool | None = None, act_order: bool | None = None, probes: int | None = None,
+             calib_file: str | None = None, calib_samples: int | None = None, seq_len: int | None = None,
+             calibration: dict[str, Any] | None = None, eval_file: str | None = None,
+             eval_samples: int | None = None, evaluation: dict[str, Any] | None = None, format: str | None = None,
+             low_memory: bool | None = None, seed: int | None = None, trust_remote_code: bool | None = None,
+             push: bool | dict[str, Any] | None = None, push_repo: str | None = None, private: bool | None = None,
+             hf_token: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``POST /v1/jobs`` body for these knobs; knobs left at None take the server's defaults. ``extra`` keys are
+    sent as they are (for fields this SDK does not know yet)."""
+    body: dict[str, Any] = {"model": model}
+    simple = {"revision": revision, "bits": _bits(bits), "sensitivity": sensitivity, "allocator": allocator,
+              "scope": scope, "granularity": granularity, "quantizer": quantizer, "group_size": group_size,
+              "symmetric": symmetric, "act_order": act_order, "probes": probes, "format": format,
+              "low_memory": low_memory, "seed": seed, "trust_remote_code": trust_remote_code, "hf_token": hf_token,
+              "budget": _budget(avg_bits, budget_gb, budget)}
+    body.update({k: v for k, v in simple.items() if v is not None})
+    calib = dict(calibration or {})
+    for k, v in (("file", calib_file), ("samples", calib_samples), ("seq_len", seq_len)):
+        if v is not None:
+            calib[k] = str(v) if k == "file" else v
+    if calib:
+        body["calibration"] = calib
+    ev = dict(evaluation or {})
+    for k, v in (("file", eval_file), ("samples", eval_samples)):
+        if v is not None:
+            ev[k] = str(v) if k == "file" else v
+    if ev:
+        body["evaluation"] = ev
+    if isinstance(push, dict):
+        body["push"] = dict(push)
+    elif push or push_repo is not None or private is not None:
+        p: dict[str, Any] = {}
+        if push_repo is not None:
+            p["repo_id"] = push_repo
+        if private is not None:
+            p["private"] = bool(private)
+        body["push"] = p
+    body.update(extra)
+    return body
+
+
+def estimate_body(model: str, *, revision: str | None = None, bits: Any = None, group_size: int | None = None,
+                  symmetric: bool | None = None, avg_bits: float | None = None, budget_gb: float | None = None,
+                  budget: dict[str, Any] | None = None, trust_remote_code: bool | None = None,
+                  hf_token: str | None = None, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model}
+    simple = {"revision": revision, "bits": _bits(bits), "group_size": group_size, "symmetric": symmetric,
+              "budget": _budget(avg_bits, budget_gb, budget), "trust_remote_code": trust_remote_code,
+              "hf_token": hf_token}
+    body.update({k: v for k, v in simple.items() if v is not None})
+    body.update(extra)
+    return body
+
+
+# ---- SSE ---------------------------------------------------------------------------------------------------------------
+class SSEDecoder:
+    """The Server-Sent Events line protocol (WHATWG): ``event:``, ``data:`` (joined by newlines), ``id:``, ``retry:``;
+    lines starting with ``:`` are comments; a blank line dispatches the event."""
+
+    def __init__(self) -> None:
+        self.last_event_id: str | None = None
+        self.retry: int | None = None
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> Event | None:
+        line = line.rstrip("\r\n")
+        if line == "":
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id" and "\0" not in value:
+            self.last_event_id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
+        return None
+
+    def _dispatch(self) -> Event | None:
+        event, data, self._event, self._data = self._event or "message", self._data, "", []
+        if not data:
+            return None
+        text = "\n".join(data)
+        try:
+            payload: Any = json.loads(text)
+        except ValueError:
+            payload = text
+        eid = self.last_event_id
+        num = int(eid) if eid is not None and eid.strip().isdigit() else None
+        return Event(event=event, id=num, data=payload, retry=self.retry,
+                     raw={"event": event, "id": eid, "data": text})
+
+
+# ---- progress display -------------------------------------------------------------------------------------------------
+class _Reporter:
+    """Shows a job's progress: a rich bar on a terminal, one line per stage/status change otherwise (CI logs), or
+    a user callback (called with every :class:`Event`; polling produces events of kind ``poll``)."""
+
+    def __init__(self, job_id: str, progress: bool | Callable[[Event], Any]):
+        self.job_id = job_id
+        self.callback = progress if callable(progress) else None
+        self.enabled = bool(progress) and self.callback is None
+        self.bar = self.task = self.console = None
+        self.last: tuple[Any, ...] = ()
+        self.stage: str | None = None
+        self.status: str | None = None
+        self.pct = 0.0
+        if self.enabled:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+            if self.console.is_terminal:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.bar = Progress(TextColumn("[bold]{task.description:<12}"), BarColumn(),
+                                    TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[status]}"),
+                                    TimeElapsedColumn(), console=self.console, transient=False)
+                self.bar.start()
+                self.task = self.bar.add_task("queued", total=1.0, status="")
+
+    def event(self, ev: Event) -> None:
+        if self.callback is not None:
+            self.callback(ev)
+            return
+        if not self.enabled:
+            return
+        if ev.stage:
+            self.stage = ev.stage
+        if ev.status:
+            self.status = ev.status
+        if ev.progress is not None:
+            self.pct = max(0.0, min(1.0, ev.progress))
+        if ev.event == "end" and isinstance(ev.data, dict) and ev.data.get("status"):
+            self.status = ev.data["status"]
+        if self.status == "succeeded":
+            self.pct = 1.0
+        desc = self.stage or self.status or "queued"
+        if self.bar is not None:
+            self.bar.update(self.task, description=desc, completed=self.pct, status=self.status or "")
+            return
+        key = (self.stage, self.status)
+        if key != self.last:
+            self.last = key
+            msg = f" — {ev.message}" if ev.message and ev.kind in ("status", "poll") else ""
+            self.console.print(f"[mopeq] job {self.job_id}: {self.status or 'running'} "  # type: ignore[union-attr]
+                               f"stage={self.stage or '-'} {self.pct * 100:5.1f}%{msg}", highlight=False, markup=False,
+                               soft_wrap=True)
+
+    def job(self, job: Job) -> None:
+        self.event(Event(event="poll", id=None, data={"kind": "poll", "status": job.status, "stage": job.stage,
+                                                       "progress": job.progress, "message": job.error}))
+
+    def note(self, text: str) -> None:
+        if self.enabled and self.console is not None:
+            self.console.print(f"[mopeq] {text}", highlight=False, markup=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+# ---- shared client logic --------------------------------------------------------------------------------------------------
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+def _header_sha256(headers: httpx.Headers) -> str | None:
+    """The SHA-256 the server announced: ``X-Checksum-SHA256`` (hex) or ``Repr-Digest: sha-256=:<base64>:``."""
+    hexd = headers.get("x-checksum-sha256")
+    if hexd:
+        return hexd.strip().lower()
+    for part in (headers.get("repr-digest") or "").split(","):
+        name, _, val = part.strip().partition("=")
+        if name.strip().lower() == "sha-256" and val.startswith(":") and val.endswith(":"):
+            try:
+                return base64.b64decode(val[1:-1]).hex()
+            except (binascii.Error, ValueError):
+                return None
+    return None
+
+
+def _safe_target(dest_dir: Path, name: str) -> Path:
+    target = (dest_dir / name).resolve()
+    if not target.is_relative_to(dest_dir.resolve()) or name.startswith("/"):
+        raise ChecksumError(f"artifact name {name!r} leaves the destination folder; refused", name=name)
+    return target
+
+
+class _Base:
+    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
+                 max_retries: int | None = None, backoff: float = 0.5, max_backoff: float = 30.0,
+                 max_retry_after: float = 300.0, sse_read_timeout: float = 60.0, sse_max_failures: int = 3,
+                 poll_interval: float = 2.0, headers: dict[str, str] | None = None,
+                 sleep: Callable[[float], Any] | None = None):
+        base = (url or os.environ.get("MOPEQ_URL") or DEFAULT_URL).strip().rstrip("/")
+        base = base.removesuffix("/v1")
+        if "://" not in base:
+            base = "http://" + base
+        self.base_url = base
+        self.api_key = api_key if api_key is not None else (os.environ.get("MOPEQ_API_KEY") or None)
+        if max_retries is None:
+            env = os.environ.get("MOPEQ_MAX_RETRIES", "").strip()
+            max_retries = int(env) if env.isdigit() else 4
+        self.max_retries = max(0, int(max_retries))
+        self.timeout = timeout
+        self.backoff, self.max_backoff, self.max_retry_after = backoff, max_backoff, max_retry_after
+        self.sse_read_timeout, self.sse_max_failures = sse_read_timeout, max(1, sse_max_failures)
+        self.poll_interval = poll_interval
+        self._sleep_fn = sleep
+        self._headers = {"User-Agent": f"mopeq-client/{__version__}", "Accept": "application/json",
+                         **(headers or {})}
+        if self.api_key:
+            self._headers["Authorization"] = f"Bearer {self.api_key}"
+
+    # retry policy ------------------------------------------------------------------------------------------------
+    def _backoff_delay(self, attempt: int) -> float:
+        """Exponential backoff with 'equal jitter': half the capped delay fixed, half random."""
+        cap = min(self.max_backoff, self.backoff * (2 ** attempt))
+        return cap / 2 + random.uniform(0, cap / 2)
+
+    def _retry_delay(self, resp: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying this answer, or None when it is final."""
+        if resp.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+            return None
+        ra = parse_retry_after(resp.headers.get("retry-after"))
+        if ra is not None:
+            if ra > self.max_retry_after:
+                return None  # longer than we are willing to wait: give the error (with its Retry-After) back
+            return ra + random.uniform(0, min(1.0, 0.1 * ra))
+        return self._backoff_delay(attempt)
+
+    def _unreachable(self, exc: Exception, method: str, path: str) -> ServiceUnreachableError:
+        return ServiceUnreachableError(f"cannot reach the MoPEQ service at {self.base_url} ({method} {path}): "
+                                       f"{type(exc).__name__}: {exc}".rstrip(": "), url=self.base_url)
+
+    @staticmethod
+    def _api_error(resp: httpx.Response, method: str, path: str) -> MopeqAPIError:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            detail: Any = body.get("detail")
+            code = body.get("code")
+        else:
+            detail, code, body = None, None, {}
+        if isinstance(detail, list):
+            detail = "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []) if x != 'body')}: {d.get('msg')}"
+                               if isinstance(d, dict) else str(d) for d in detail)
+        if not detail:
+            detail = (resp.text or "").strip()[:500] or resp.reason_phrase or f"HTTP {resp.status_code}"
+        cls = error_class(resp.status_code)
+        return cls(resp.status_code, str(detail), code, body, method=method, url=path,
+                   headers={k.lower(): v for k, v in resp.headers.items()})
+
+    @staticmethod
+    def _job_path(job_id: str, tail: str = "") -> str:
+        return f"/v1/jobs/{quote(str(job_id), safe='')}{tail}"
+
+    @staticmethod
+    def _list_params(status: str | None, model: str | None, limit: int, offset: int | None,
+                     cursor: str | int | None) -> dict[str, Any]:
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+        params: dict[str, Any] = {"limit": limit, "offset": int(cursor if cursor is not None else (offset or 0))}
+        if status:
+            params["status"] = status
+        if model:
+            params["model"] = model
+        return params
+
+    def _sse_timeout(self, remaining: float | None) -> httpx.Timeout:
+        read = self.sse_read_timeout if remaining is None else max(0.5, min(self.sse_read_timeout, remaining))
+        return httpx.Timeout(self.timeout, read=read)
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        return None if deadline is None else deadline - time.monotonic()
+
+    @staticmethod
+    def _artifact_url(job_id: str, name: str) -> str:
+        return f"/v1/jobs/{quote(str(job_id), safe='')}/artifacts/{quote(name, safe='/')}"
+
+    @staticmethod
+    def _check_sha(name: str, digest: str, announced: str | None, listed: str | None, verify: bool) -> None:
+        if not verify:
+            return
+        if announced is None and listed is None:
+            raise ChecksumError(f"the service sent no checksum for {name!r}; cannot verify it "
+                                "(pass verify=False to accept it unchecked)", name=name, actual=digest)
+        for what, want in (("X-Checksum-SHA256 header", announced), ("artifact listing", listed)):
+            if want is not None and want.lower() != digest:
+                raise ChecksumError(f"checksum mismatch for {name!r}: the {what} says {want}, the downloaded bytes "
+                                    f"hash to {digest}; the file was not written", name=name, expected=want,
+                                    actual=digest)
+
+    @staticmethod
+    def _select(arts: list[Artifact], job_id: str, name: str | None) -> list[Artifact]:
+        files = [a for a in arts if a.kind == "file"]
+        if name is None:
+            if not files:
+                raise NotFoundError(404, f"job {job_id} has no files to download (has it succeeded?)", "not_found")
+            return files
+        pick = [a for a in files if a.name == name]
+        if not pick:
+            raise NotFoundError(404, f"job {job_id} has no artifact named {name!r}; it has: "
+                                f"{', '.join(a.name for a in files) or 'none'}", "not_found")
+        return pick
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _install(staged: list[tuple[Path, Path]], dest: Path) -> None:
+    """Move verified temporary files into place (each ``os.replace`` is atomic), with the usual permissions
+    (temporary files are created 0600)."""
+    mode = 0o666 & ~_umask()
+    for tmp, target in staged:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+
+
+def _dest_plan(dest: str | os.PathLike[str], name: str | None) -> tuple[Path, Path | None]:
+    """(folder, single-file target or None)."""
+    d = Path(dest)
+    if name is not None and not (d.is_dir() or str(dest).endswith(("/", os.sep))):
+        return d.parent if str(d.parent) else Path("."), d
+    return d, None
+
+
+# ---- sync client --------------------------------------------------------------------------------------------------------
+class MopeqClient(_Base):
+    """Synchronous client. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 transport: httpx.BaseTransport | None = None, **kw: Any):
+        super().__init__(url, api_key, **kw)
+        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self.timeout,
+                                  transport=transport, follow_redirects=False)
+
+    def __enter__(self) -> MopeqClient:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            (self._sleep_fn or time.sleep)(seconds)
+
+    # transport with retries ----------------------------------------------------------------------------------------
+    def _send(self, method: str, path: str, *, stream: bool = False, **kw: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            req = self._http.build_request(method, path, **kw)
+            try:
+                resp = self._http.send(req, stream=stream)
+            except httpx.UnsupportedProtocol as exc:
+                raise self._unreachable(exc, method, path) from exc
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise self._unreachable(exc, method, path) from exc
+                delay = self._backoff_delay(attempt)
+            else:
+                if resp.status_code < 400:
+                    return resp
+                if stream:
+                    resp.read()
+                    resp.close()
+                delay = self._retry_delay(resp, attempt)  # type: ignore[assignment]
+                if delay is None:
+                    raise self._api_error(resp, method, path)
+            attempt += 1
+            self._sleep(delay)
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self._send(method, path, **kw).json()
+
+    # API ----------------------------------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/healthz")
+
+    def ready(self) -> dict[str, Any]:
+        return self._json("GET", "/readyz")
+
+    def submit(self, model: str, *, idempotency_key: str | None = None, **knobs: Any) -> Job:
+        """Submit a job (``POST /v1/jobs``). Knobs: see :func:`job_body` (``avg_bits``/``budget_gb``, ``bits``,
+        ``sensitivity``, ``allocator``, ``scope``, ``granularity``, ``quantizer``, ``group_size``, ``calib_file``,
+        ``calib_samples``, ``seq_len``, ``eval_file``, ``eval_samples``, ``revision``, ``push_repo``, ``private``,
+        ``hf_token``, ...). One ``Idempotency-Key`` is used for all retries of this call."""
+        key = idempotency_key or str(uuid.uuid4())
+        data = self._json("POST", "/v1/jobs", json=job_body(model, **knobs), headers={"Idempotency-Key": key})
+        return Job.from_dict(data)
+
+    def get(self, job_id: str) -> Job:
+        return Job.from_dict(self._json("GET", self._job_path(job_id)))
+
+    def list(self, status: str | None = None, model: str | None = None, limit: int = 50, offset: int | None = None,
+             cursor: str | int | None = None) -> JobList:
+        """A page of jobs, newest first; ``cursor`` is the previous page's ``next_offset``."""
+        return JobList.from_dict(self._json("GET", "/v1/jobs",
+                                            params=self._list_params(status, model, limit, offset, cursor)))
+
+    def iter_jobs(self, status: str | None = None, model: str | None = None, page_size: int = 100) -> Iterator[Job]:
+        cursor: int | None = 0
+        while cursor is not None:
+            page = self.list(status=status, model=model, limit=page_size, cursor=cursor)
+            yield from page.items
+            cursor = page.next_offset
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.from_dict(self._json("POST", self._job_path(job_id, "/cancel")))
+
+    def bitmap(self, job_id: str) -> Bitmap:
+        return self._json("GET", self._job_path(job_id, "/bitmap"))
+
+    def allocations(self, job_id: str) -> list[dict[str, Any]]:
+        return self._json("GET", self._job_path(job_id, "/allocations"))
+
+    def artifacts(self, job_id: str) -> list[Artifact]:
+        return [Artifact.from_dict(a) for a in self._json("GET", self._job_path(job_id, "/artifacts"))]
+
+    def estimate(self, model: str, **knobs: Any) -> Estimate:
+        """Size MODEL and its feasible budget range (``revision``, ``bits``, ``group_size``, ``avg_bits`` or
+        ``budget_gb`` to ask whether that budget is feasible)."""
+        return Estimate.from_dict(self._json("POST", "/v1/estimate", json=estimate_body(model, **knobs)))
+
+    # downloads -----------------------------------------------------------------------------------------------------------
+    def _fetch(self, job_id: str, art: Artifact, folder: Path, verify: bool) -> Path:
+        """Stream one file to a temporary file in ``folder``; return it once its SHA-256 checks out."""
+        url = self._artifact_url(job_id, art.name)
+        attempt = 0
+        while True:
+            fd, tmp_name = tempfile.mkstemp(prefix=".mopeq-dl-", suffix=".part", dir=folder)
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    resp = self._send("GET", url, stream=True, headers={"Accept": "*/*"})
+                    try:
+                        h = hashlib.sha256()
+                        for chunk in resp.iter_bytes(1 << 20):
+                            h.update(chunk)
+                            out.write(chunk)
+                        announced = _header_sha256(resp.headers)
+                    finally:
+                        resp.close()
+                    out.flush()
+                    os.fsync(out.fileno())
+                self._check_sha(art.name, h.hexdigest(), announced, art.sha256, verify)
+                return tmp
+            except httpx.TransportError as exc:  # cut off mid-body: start this file again
+                tmp.unlink(missing_ok=True)
+                if attempt >= self.max_retries:
+                    raise self._unreachable(exc, "GET", url) from exc
+                self._sleep(self._backoff_delay(attempt))
+                attempt += 1
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    def download(self, job_id: str, dest: str | os.PathLike[str], name: str | None = None, *,
+                 verify: bool = True) -> list[Path]:
+        """Download the job's files into the folder ``dest`` (or only the file ``name``; then ``dest`` may be the
+        target file path). Each file is streamed, its SHA-256 compared with the ``X-Checksum-SHA256`` header and the
+        artifact listing (:class:`ChecksumError` on a mismatch), and nothing is written under its final name before
+        every requested file has been verified."""
+        folder, single = _dest_plan(dest, name)
+        arts = self._select(self.artifacts(job_id), job_id, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mopeq-dl-", dir=folder))
+        try:
+            staged = []
+            for art in arts:
+                target = single if single is not None else _safe_target(folder, art.name)
+                staged.append((self._fetch(job_id, art, staging, verify), target))
+            _install(staged, folder)
+            return [t for _, t in staged]
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # events and waiting ----------------------------------------------------------------------------------------------
+    def events(self, job_id: str, last_event_id: int | str | None = None, *,
+               read_timeout: float | None = None) -> Iterator[Event]:
+        """The job's events (SSE) from after ``last_event_id``; ends after the ``end`` event (which follows the final
+        status). A cut-off connection raises :class:`StreamError` (``.last_event_id`` says where to resume)."""
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        path = self._job_path(job_id, "/events")
+        resp = self._send("GET", path, stream=True, headers=headers,
+                          timeout=self._sse_timeout(read_timeout))
+        dec = SSEDecoder()
+        dec.last_event_id = str(last_event_id) if last_event_id is not None else None
+        try:
+            ctype = resp.headers.get("content-type", "")
+            if not ctype.startswith("text/event-stream"):
+                raise StreamError(f"{path} answered {ctype or 'no content type'}, not text/event-stream")
+            try:
+                for line in resp.iter_lines():
+                    ev = dec.feed(line)
+                    if ev is not None:
+                        yield ev
+                        if ev.event == "end":
+                            return
+                ev = dec.feed("")
+                if ev is not None:
+                    yield ev
+                    if ev.event == "end":
+                        return
+            except httpx.TransportError as exc:
+                err = StreamError(f"event stream of job {job_id} cut off after event {dec.last_event_id}: "
+                                  f"{type(exc).__name__}")
+                err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
+                err.timed_out = isinstance(exc, httpx.ReadTimeout)  # type: ignore[attr-defined]
+                raise err from exc
+            err = StreamError(f"event stream of job {job_id} closed before its end event")
+            err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
+            err.timed_out = False  # type: ignore[attr-defined]
+            raise err
+        finally:
+            resp.close()
+
+    def wait(self, job_id: str, progress: bool | Callable[[Event], Any] = True, timeout: float | None = None,
+             poll_interval: float | None = None) -> Job:
+        """Follow the job until it is succeeded, failed or cancelled and return it (whatever the final status).
+
+        Follows the SSE stream (``progress=True``: a progress bar with stage and percent on stderr; a callable gets
+        every :class:`Event`), reconnects with ``Last-Event-ID`` after a dropped connection, and falls back to polling
+        ``GET /v1/jobs/{id}`` after ``sse_max_failures`` failed connections in a row. ``timeout`` (seconds) raises
+        :class:`WaitTimeoutError`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = self.poll_interval if poll_interval is None else poll_interval
+        rep = _Reporter(job_id, progress)
+        try:
+            job = self.get(job_id)
+            rep.job(job)
+            if job.is_terminal:
+                return job
+            last_id: str | None = None
+            failures = 0
+            while failures < self.sse_max_failures:
+                self._check_deadline(deadline, job)
+                try:
+                    for ev in self.events(job_id, last_id, read_timeout=self._remaining(deadline)):
+                        if ev.raw.get("id") is not None:
+                            last_id = ev.raw["id"]
+                        failures = 0
+                        rep.event(ev)
+                        if ev.event == "end":
+                            break
+                        self._check_deadline(deadline, job)
+                    job = self.get(job_id)
+                    if job.is_terminal:
+                        return job
+                    failures += 1  # an end event for a job that is not final: odd, try again
+                except StreamError as exc:
+                    last_id = getattr(exc, "last_event_id", None) or last_id
+                    if getattr(exc, "timed_out", False):  # a quiet stage, not a failure: check and reconnect
+                        job = self.get(job_id)
+                        rep.job(job)
+                        if job.is_terminal:
+                            return job
+                        continue
+                    failures += 1
+                except (ServiceUnreachableError, MopeqAPIError) as exc:
+                    if isinstance(exc, (AuthenticationError, NotFoundError, ValidationError, ConflictError)):
+                        raise
+                    failures += 1
+                if failures and failures < self.sse_max_failures:
+                    self._sleep(min(self._backoff_delay(failures - 1), max(0.0, self._remaining(deadline) or 5.0)))
+            rep.note(f"event stream unavailable after {failures} tries; polling job {job_id} every {interval:g} s")
+            while True:
+                job = self.get(job_id)
+                rep.job(job)
+                if job.is_terminal:
+                    return job
+                self._check_deadline(deadline, job)
+                rem = self._remaining(deadline)
+                self._sleep(interval if rem is None else max(0.0, min(interval, rem)))
+        finally:
+            rep.close()
+
+    @staticmethod
+    def _check_deadline(deadline: float | None, job: Job) -> None:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeoutError(f"job {job.id} is still {job.status} (stage {job.stage or '-'}) after the wait "
+                                   "timeout", job=job)
+
+
+# ---- async client -----------------------------------------------------------------------------------------------------
+class AsyncMopeqClient(_Base):
+    """asyncio client with the same methods as :class:`MopeqClient` (awaitables; ``events`` is an async
+    iterator). Use ``async with`` or call :meth:`aclose`."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 transport: httpx.AsyncBaseTransport | None = None, **kw: Any):
+        super().__init__(url, api_key, **kw)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self.timeout,
+                                       transport=transport, follow_redirects=False)
+
+    async def __aenter__(self) -> AsyncMopeqClient:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            if self._sleep_fn is not None:
+                r = self._sleep_fn(seconds)
+                if asyncio.iscoroutine(r):
+                    await r
+            else:
+                await asyncio.sleep(seconds)
+
+    async def _send(self, method: str, path: str, *, stream: bool = False, **kw: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            req = self._http.build_request(method, path, **kw)
+            try:
+                resp = await self._http.send(req, stream=stream)
+            except httpx.UnsupportedProtocol as exc:
+                raise self._unreachable(exc, method, path) from exc
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise self._unreachable(exc, method, path) from exc
+                delay = self._backoff_delay(attempt)
+            else:
+                if resp.status_code < 400:
+                    return resp
+                if stream:
+                    await resp.aread()
+                    await resp.aclose()
+                delay = self._retry_delay(resp, attempt)  # type: ignore[assignment]
+                if delay is None:
+                    raise self._api_error(resp, method, path)
+            attempt += 1
+            await self._sleep(delay)
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return (await self._send(method, path, **kw)).json()
+
+    async def health(self) -> dict[str, Any]:
+        return await self._json("GET", "/healthz")
+
+    async def ready(self) -> dict[str, Any]:
+        return await self._json("GET", "/readyz")
+
+    async def submit(self, model: str, *, idempotency_key: str | None = None, **knobs: Any) -> Job:
+        key = idempotency_key or str(uuid.uuid4())
+        data = await self._json("POST", "/v1/jobs", json=job_body(model, **knobs), headers={"Idempotency-Key": key})
+        return Job.from_dict(data)
+
+    async def get(self, job_id: str) -> Job:
+        return Job.from_dict(await self._json("GET", self._job_path(job_id)))
+
+    async def list(self, status: str | None = None, model: str | None = None, limit: int = 50,
+                   offset: int | None = None, cursor: str | int | None = None) -> JobList:
+        return JobList.from_dict(await self._json("GET", "/v1/jobs",
+                                                  params=self._list_params(status, model, limit, offset, cursor)))
+
+    async def cancel(self, job_id: str) -> Job:
+        return Job.from_dict(await self._json("POST", self._job_path(job_id, "/cancel")))
+
+    async def bitmap(self, job_id: str) -> Bitmap:
+        return await self._json("GET", self._job_path(job_id, "/bitmap"))
+
+    async def allocations(self, job_id: str) -> list[dict[str, Any]]:
+        return await self._json("GET", self._job_path(job_id, "/allocations"))
+
+    async def artifacts(self, job_id: str) -> list[Artifact]:
+        return [Artifact.from_dict(a) for a in await self._json("GET", self._job_path(job_id, "/artifacts"))]
+
+    async def estimate(self, model: str, **knobs: Any) -> Estimate:
+        return Estimate.from_dict(await self._json("POST", "/v1/estimate", json=estimate_body(model, **knobs)))
+
+    async def _fetch(self, job_id: str, art: Artifact, folder: Path, verify: bool) -> Path:
+        url = self._artifact_url(job_id, art.name)
+        attempt = 0
+        while True:
+            fd, tmp_name = tempfile.mkstemp(prefix=".mopeq-dl-", suffix=".part", dir=folder)
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    resp = await self._send("GET", url, stream=True, headers={"Accept": "*/*"})
+                    try:
+                        h = hashlib.sha256()
+                        async for chunk in resp.aiter_bytes(1 << 20):
+                            h.update(chunk)
+                            out.write(chunk)
+                        announced = _header_sha256(resp.headers)
+                    finally:
+                        await resp.aclose()
+                    out.flush()
+                    os.fsync(out.fileno())
+                self._check_sha(art.name, h.hexdigest(), announced, art.sha256, verify)
+                return tmp
+            except httpx.TransportError as exc:
+                tmp.unlink(missing_ok=True)
+                if attempt >= self.max_retries:
+                    raise self._unreachable(exc, "GET", url) from exc
+                await self._sleep(self._backoff_delay(attempt))
+                attempt += 1
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    async def download(self, job_id: str, dest: str | os.PathLike[str], name: str | None = None, *,
+                       verify: bool = True) -> list[Path]:
+        folder, single = _dest_plan(dest, name)
+        arts = self._select(await self.artifacts(job_id), job_id, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mopeq-dl-", dir=folder))
+        try:
+            staged = []
+            for art in arts:
+                target = single if single is not None else _safe_target(folder, art.name)
+                staged.append((await self._fetch(job_id, art, staging, verify), target))
+            _install(staged, folder)
+            return [t for _, t in staged]
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    async def events(self, job_id: str, last_event_id: int | str | None = None, *,
+                     read_timeout: float | None = None) -> AsyncIterator[Event]:
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        path = self._job_path(job_id, "/events")
+        resp = await self._send("GET", path, stream=True, headers=headers, timeout=self._sse_timeout(read_timeout))
+        dec = SSEDecoder()
+        dec.last_event_id = str(last_event_id) if last_event_id is not None else None
+        try:
+            ctype = resp.headers.get("content-type", "")
+            if not ctype.startswith("text/event-stream"):
+                raise StreamError(f"{path} answered {ctype or 'no content type'}, not text/event-stream")
+            try:
+                async for line in resp.aiter_lines():
+                    ev = dec.feed(line)
+                    if ev is not None:
+                        yield ev
+                        if ev.event == "end":
+                            return
+                ev = dec.feed("")
+                if ev is not None:
+                    yield ev
+                    if ev.event == "end":
+                        return
+            except httpx.TransportError as exc:
+                err = StreamError(f"event stream of job {job_id} cut off after event {dec.last_event_id}: "
+                                  f"{type(exc).__name__}")
+                err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
+                err.timed_out = isinstance(exc, httpx.ReadTimeout)  # type: ignore[attr-defined]
+                raise err from exc
+            err = StreamError(f"event stream of job {job_id} closed before its end event")
+            err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
+            err.timed_out = False  # type: ignore[attr-defined]
+            raise err
+        finally:
+            await resp.aclose()
+
+    async def wait(self, job_id: str, progress: bool | Callable[[Event], Any] = True, timeout: float | None = None,
+                   poll_interval: float | None = None) -> Job:
+        """See :meth:`MopeqClient.wait`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = self.poll_interval if poll_interval is None else poll_interval
+        rep = _Reporter(job_id, progress)
+        try:
+            job = await self.get(job_id)
+            rep.job(job)
+            if job.is_terminal:
+                return job
+            last_id: str | None = None
+            failures = 0
+            while failures < self.sse_max_failures:
+                MopeqClient._check_deadline(deadline, job)
+                try:
+                    async for ev in self.events(job_id, last_id, read_timeout=self._remaining(deadline)):
+                        if ev.raw.get("id") is not None:
+                            last_id = ev.raw["id"]
+                        failures = 0
+                        rep.event(ev)
+                        if ev.event == "end":
+                            break
+                        MopeqClient._check_deadline(deadline, job)
+                    job = await self.get(job_id)
+                    if job.is_terminal:
+                        return job
+                    failures += 1
+                except StreamError as exc:
+                    last_id = getattr(exc, "last_event_id", None) or last_id
+                    if getattr(exc, "timed_out", False):
+                        job = await self.get(job_id)
+                        rep.job(job)
+                        if job.is_terminal:
+                            return job
+                        continue
+                    failures += 1
+                except (ServiceUnreachableError, MopeqAPIError) as exc:
+                    if isinstance(exc, (AuthenticationError, NotFoundError, ValidationError, ConflictError)):
+                        raise
+                    failures += 1
+                if failures and failures < self.sse_max_failures:
+                    await self._sleep(min(self._backoff_delay(failures - 1),
+                                          max(0.0, self._remaining(deadline) or 5.0)))
+            rep.note(f"event stream unavailable after {failures} tries; polling job {job_id} every {interval:g} s")
+            while True:
+                job = await self.get(job_id)
+                rep.job(job)
+                if job.is_terminal:
+                    return job
+                MopeqClient._check_deadline(deadline, job)
+                rem = self._remaining(deadline)
+                await self._sleep(interval if rem is None else max(0.0, min(interval, rem)))
+        finally:
+            rep.close()
+
+
+__all__ = [
+    "DEFAULT_URL", "TERMINAL", "Artifact", "AsyncMopeqClient", "Bitmap", "Estimate", "Event", "Job", "JobList",
+    "MopeqClient", "SSEDecoder", "bitmap_rows", "estimate_body", "job_body", "parse_retry_after",
+]
