@@ -1,0 +1,146 @@
+"""The small trained MoE that ships in ``models/mopeq-tiny-moe`` (made by ``scripts/train_tiny_moe.py``).
+
+Checks that it loads with plain transformers, that its checkpoint is small and in the Hub's per-expert layout,
+that it has actually learned something (perplexity on held-out text far below the same architecture's random
+init) and that routing on held-out text reaches every expert of every layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "models" / "mopeq-tiny-moe"
+EVAL_FILE = REPO / "data" / "eval.txt"
+MAX_BYTES = 15 * 1024 * 1024
+EVAL_TOKENS = 8192
+SEQ_LEN = 256
+SEED = 0  # the seed scripts/train_tiny_moe.py initialises the model with
+
+PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def eval_ids(tokenizer):
+    text = EVAL_FILE.read_text(encoding="utf-8")
+    ids = tokenizer(text)["input_ids"][:EVAL_TOKENS]
+    assert len(ids) == EVAL_TOKENS, "data/eval.txt is too short"
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def perplexity(model, ids: torch.Tensor, seq_len: int = SEQ_LEN, batch: int = 8) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of ``seq_len`` tokens."""
+    n = (ids.numel() // seq_len) * seq_len
+    windows = ids[:n].view(-1, seq_len)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in windows.split(batch):
+            logits = model(input_ids=b).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll -= logp.gather(-1, b[:, 1:, None]).sum().item()
+            count += b[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def test_files_present():
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "README.md"):
+        assert (MODEL_DIR / name).is_file(), name
+    readme = (MODEL_DIR / "README.md").read_text()
+    assert "PSF" in readme and "perplexity" in readme.lower()
+    assert not list(MODEL_DIR.glob("*.bin")), "pickle weights must not ship"
+
+
+def test_checkpoint_small_and_per_expert_layout():
+    st = MODEL_DIR / "model.safetensors"
+    assert st.stat().st_size <= MAX_BYTES
+    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral"
+    L, E, F, H = (cfg["num_hidden_layers"], cfg["num_local_experts"], cfg["intermediate_size"],
+                  cfg["hidden_size"])
+    with safe_open(str(st), "pt") as f:
+        keys = set(f.keys())
+        assert not [k for k in keys if k.endswith(("gate_up_proj", "down_proj"))], "fused experts in checkpoint"
+        found = {(int(m[1]), int(m[2]), m[3]) for k in keys if (m := PER_EXPERT.match(k))}
+        assert found == {(li, e, w) for li in range(L) for e in range(E) for w in ("w1", "w2", "w3")}
+        for li in range(L):
+            assert f"model.layers.{li}.block_sparse_moe.gate.weight" in keys
+        assert tuple(f.get_slice("model.layers.0.block_sparse_moe.experts.0.w1.weight").get_shape()) == (F, H)
+        assert tuple(f.get_slice("model.layers.0.block_sparse_moe.experts.0.w3.weight").get_shape()) == (F, H)
+        assert tuple(f.get_slice("model.layers.0.block_sparse_moe.experts.0.w2.weight").get_shape()) == (H, F)
+        assert all(f.get_slice(k).get_dtype() == "F32" for k in keys)
+
+
+def test_loads_fused_and_tokenizer_round_trips(model, tokenizer):
+    experts = model.model.layers[0].mlp.experts
+    cfg = model.config
+    assert tuple(experts.gate_up_proj.shape) == (cfg.num_local_experts, 2 * cfg.intermediate_size,
+                                                 cfg.hidden_size)
+    assert len(tokenizer) == cfg.vocab_size
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    src = "def f(x):\n    return x + 1  # comment é\n"
+    ids = tokenizer(src)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == src
+
+
+@pytest.fixture(scope="module")
+def trained_pass(model, eval_ids):
+    """One pass of the shipped model over the eval tokens: its perplexity and, per layer, the number of top-k
+    slots routed to each expert (counted by a forward pre-hook on each layer's experts module, which is called as
+    ``experts(hidden_states, top_k_index, top_k_weights)``)."""
+    cfg = model.config
+    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
+    hooks = []
+    for li, layer in enumerate(model.model.layers):
+        def pre_hook(module, args, li=li):
+            _hidden, top_k_index, _top_k_weights = args
+            counts[li] += torch.bincount(top_k_index.reshape(-1), minlength=cfg.num_local_experts)
+
+        hooks.append(layer.mlp.experts.register_forward_pre_hook(pre_hook))
+    try:
+        ppl = perplexity(model, eval_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ppl, counts
+
+
+def test_perplexity_far_below_untrained(model, eval_ids, trained_pass):
+    trained, _ = trained_pass
+    torch.manual_seed(SEED)
+    untrained_model = transformers.MixtralForCausalLM(model.config).eval()
+    untrained = perplexity(untrained_model, eval_ids)
+    assert untrained > 0.5 * model.config.vocab_size  # a random init is close to uniform
+    assert trained < untrained / 5, (trained, untrained)
+    assert trained < 80, trained
+
+
+def test_routing_reaches_every_expert(model, trained_pass):
+    cfg = model.config
+    _, counts = trained_pass
+    assert counts.sum(1).eq(EVAL_TOKENS * cfg.num_experts_per_tok).all()
+    share = counts.float() / counts.sum(1, keepdim=True)
+    assert (counts > 0).all(), counts
+    assert (share >= 0.01).all(), share  # every expert of every layer gets real traffic
