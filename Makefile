@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast demo serve lint bench clean
+.PHONY: setup test demo serve worker lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# One BLAS/OpenMP thread per process: the suite runs several processes (API, workers) on tiny tensors, where
+# threads only contend.
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not requires_gpu" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VPY) -m pytest -q -m "not requires_gpu and not slow" $(PYTEST_ARGS)
+
+worker: $(STAMP)
+	$(VPY) -m worker
 
 demo: $(STAMP)
 	$(VPY) scripts/demo.py

@@ -114,7 +114,10 @@ def _peak_rss_mb() -> float:
 
 
 def _fingerprint(cfg) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_public_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    """What decides the stage results; the device does not (a job may resume on another worker's GPU)."""
+    d = cfg.to_public_dict()
+    d.pop("device", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None = None,

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ["worker", "--pool=solo", "--concurrency=1", f"--queues={get_settings().QUEUE}", "--without-mingle",
             "--without-gossip", "--without-heartbeat", f"--hostname=mopeq-{os.getpid()}@{socket.gethostname()}",
             f"--loglevel={os.environ.get('MOPEQ_LOG_LEVEL', 'INFO')}"]
+    if os.environ.get("MOPEQ_LOG_LEVEL", "INFO").upper() in ("WARNING", "ERROR", "CRITICAL"):
+        args.append("--quiet")  # no start-up banner when only warnings are wanted (e.g. make demo)
     celery_app.worker_main(args + list(sys.argv[1:] if argv is None else argv))
 
 
