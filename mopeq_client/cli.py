@@ -75,6 +75,11 @@ def quantize(
                                            help="Every token through every expert for statistics"),
     eval_file: Optional[Path] = typer.Option(None, "--eval-file"),
     eval_samples: int = typer.Option(64, "--eval-samples"),
+    eval_suite: Optional[list[str]] = typer.Option(
+        None, "--eval-suite", help="Evaluation suite run before and after, e.g. lm-eval:TASK (repeatable)"),
+    eval_suite_include: Optional[Path] = typer.Option(None, "--eval-suite-include",
+                                                      help="Folder of custom task YAMLs"),
+    eval_suite_limit: Optional[int] = typer.Option(None, "--eval-suite-limit", help="Examples per task"),
     device: str = typer.Option("cpu", "--device"),
     revision: Optional[str] = typer.Option(None, "--revision"),
     low_memory: bool = typer.Option(False, "--low-memory"),
@@ -99,7 +104,9 @@ def quantize(
         symmetric=not asymmetric, act_order=act_order, probes=probes, probe_tol=probe_tol,
         calib_file=str(calib_file) if calib_file else None, calib_samples=calib_samples, seq_len=seq_len,
         calib_all_experts=calib_all_experts, eval_file=str(eval_file) if eval_file else None,
-        eval_samples=eval_samples, device=device, low_memory=low_memory, format=fmt,
+        eval_samples=eval_samples, eval_suites=tuple(eval_suite or ()),
+        eval_suite_include=str(eval_suite_include) if eval_suite_include else None,
+        eval_suite_limit=eval_suite_limit, device=device, low_memory=low_memory, format=fmt,
         trust_remote_code=trust_remote_code, seed=seed, token=os.environ.get("HF_TOKEN"))
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

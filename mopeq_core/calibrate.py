@@ -145,22 +145,28 @@ def _install_hooks(model, groups: list[ExpertGroup], acc: _Accumulator, all_toke
 
 
 def _run(model, samples, batch_size, should_stop, on_progress, hooks):
-    device = next(model.parameters()).device
+    # samples: token windows or an image+text SampleSet (data.iter_batches gives model-input dicts for both).
+    from .data import iter_batches
+
+    param = next(model.parameters())
     try:
-        n = samples.shape[0]
-        for i in range(0, n, batch_size):
+        n = len(samples)
+        done = 0
+        for batch in iter_batches(samples, batch_size, param.device, dtype=param.dtype):
             if should_stop is not None:
                 should_stop()
-            model(input_ids=samples[i: i + batch_size].to(device))
+            batch.pop("labels", None)
+            model(**batch)
+            done += batch["input_ids"].shape[0]
             if on_progress is not None:
-                on_progress(min(1.0, (i + batch_size) / n))
+                on_progress(min(1.0, done / n))
     finally:
         for h in hooks:
             h.remove()
 
 
 @torch.no_grad()
-def calibrate(model, groups: list[ExpertGroup], samples: torch.Tensor, *, collect_hessians: bool = True,
+def calibrate(model, groups: list[ExpertGroup], samples, *, collect_hessians: bool = True,
               all_experts: bool = False, min_tokens: int = 8, batch_size: int = 8, should_stop=None,
               on_progress=None) -> CalibrationStats:
     top_k: dict[int, int] = {}
@@ -192,12 +198,13 @@ def calibrate(model, groups: list[ExpertGroup], samples: torch.Tensor, *, collec
     elif on_progress:
         on_progress(1.0)
     fallback = {} if all_experts else {k: sorted(v) for k, v in starved.items()}
+    n_tokens = int(samples.numel())  # positions through the MoE layers (image tokens too, for a SampleSet)
     for g in groups:
         # ModuleList experts are hooked one by one and never see the routing indices (their top-k stayed
         # unknown and was reported as 0): every routed token calls each of its experts once, so top-k is the
         # routed count per calibration token.
-        if g.layer not in top_k and samples.numel():
-            top_k[g.layer] = round(int(routed.counts[g.layer].sum()) / samples.numel())
-    return CalibrationStats(routed.counts, routed.sq, routed.hs, int(samples.numel()),
+        if g.layer not in top_k and n_tokens:
+            top_k[g.layer] = round(int(routed.counts[g.layer].sum()) / n_tokens)
+    return CalibrationStats(routed.counts, routed.sq, routed.hs, n_tokens,
                             {g.layer: top_k.get(g.layer, 0) for g in groups}, fallback,
                             "all" if all_experts else "routed")

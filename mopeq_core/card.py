@@ -397,6 +397,11 @@ def build_card(out_dir: Path, bitmap: dict, report: dict, heatmap: str | None = 
     else:
         lines += ["Not measured (the run had no `--eval-file`)."]
     lines += [""]
+    if report.get("eval_suites"):
+        from .eval_suites import markdown_table
+
+        lines += ["## Evaluation suites", "", "Same settings on the full-precision and the quantized model.", ""]
+        lines += markdown_table(report["eval_suites"]) + [""]
 
     # method ----------------------------------------------------------------------------------------------------
     lines += ["## How it was made", ""]

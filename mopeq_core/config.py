@@ -47,6 +47,11 @@ class QuantizeConfig:
     calib_all_experts: bool = False
     eval_file: str | None = None
     eval_samples: int = 64
+    # Evaluation suites (optional): "lm-eval:TASK[,TASK]" / "lmms-eval:TASK[,TASK]", run on the full-precision and
+    # the quantized model with the same settings (mopeq_core.eval_suites); custom task YAMLs from the include folder.
+    eval_suites: tuple[str, ...] = ()
+    eval_suite_include: str | None = None
+    eval_suite_limit: int | None = None
     device: str = "cpu"
     low_memory: bool = False
     format: str = "mopeq"
@@ -90,10 +95,20 @@ class QuantizeConfig:
             bad("--budget-gb must be positive")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             bad("--device must be cpu or cuda")
+        if self.eval_suites:
+            from .eval_suites import EvalSuiteError, parse_suites
+
+            try:
+                self.eval_suites = tuple(s.spec for s in parse_suites(self.eval_suites))
+            except EvalSuiteError as exc:
+                bad(str(exc))
+        if self.eval_suite_limit is not None and self.eval_suite_limit < 1:
+            bad("--eval-suite-limit must be at least 1")
 
     def to_public_dict(self) -> dict[str, Any]:
         """Everything but secrets; what reports and model cards record."""
         d = dataclasses.asdict(self)
         d.pop("token", None)
         d["bits"] = list(self.bits)
+        d["eval_suites"] = list(self.eval_suites)
         return d

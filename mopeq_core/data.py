@@ -1,9 +1,17 @@
-"""Calibration and evaluation text: .txt or .jsonl (one {"text": ...} per line), cut into fixed-length samples."""
+"""Calibration and evaluation data: .txt or .jsonl (one {"text": ...} per line), cut into fixed-length samples.
+
+For vision-language models a .jsonl line may also carry ``"image"`` (a path relative to the .jsonl file) beside
+``"text"``; such files become a :class:`SampleSet` of per-example model inputs prepared by the model's processor
+(see ``mopeq_core.multimodal``). Text-only data stays an int64 tensor [n, seq_len] of token windows. The helpers
+``iter_batches`` / ``num_tokens`` / ``num_targets`` accept either kind, so the stages do not care which they get.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,10 +69,152 @@ def token_samples(tokenizer, texts: list[str], n_samples: int, seq_len: int, *, 
     return torch.stack([all_ids[s: s + seq_len] for s in starts.tolist()])
 
 
-def split_holdout(samples: torch.Tensor, holdout_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit, holdout): the last share of calibration samples is kept back to choose between candidate bit maps."""
-    n = samples.shape[0]
+def split_holdout(samples, holdout_fraction: float = 0.25):
+    """(fit, holdout): the last share of calibration samples is kept back to choose between candidate bit maps.
+    Works on token windows and on a SampleSet alike (len + slicing)."""
+    n = len(samples)
     k = max(1, int(round(n * holdout_fraction))) if n > 1 else 0
     if k == 0:
         return samples, samples
     return samples[: n - k], samples[n - k:]
+
+
+# ---- image+text data (vision-language models) --------------------------------------------------------------------
+IGNORE_INDEX = -100  # label value of positions that take no loss (image placeholders, the prompt)
+
+
+class SampleSet:
+    """Examples that are not plain token windows: each item holds one forward pass's model inputs (``input_ids``
+    [1, L], ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ... whatever the processor returns) plus
+    ``labels`` [1, L] with IGNORE_INDEX where no loss is taken. Items differ in length, so each is its own batch:
+    nothing is padded and no padding token ever reaches a router or the calibration statistics.
+
+    ``len()`` counts examples and slicing returns a SampleSet, like the rows of a token-window tensor.
+    """
+
+    def __init__(self, items: list[dict[str, torch.Tensor]], meta: list[dict[str, Any]] | None = None):
+        self.items = list(items)
+        self.meta = list(meta) if meta is not None else [{} for _ in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return SampleSet(self.items[idx], self.meta[idx])
+        return self.items[idx]
+
+    def __repr__(self) -> str:
+        return f"SampleSet({len(self)} examples, {self.numel()} tokens, {self.num_targets()} loss targets)"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(examples, longest sequence), for code that reads ``samples.shape[0]``."""
+        return len(self), max((int(it["input_ids"].shape[-1]) for it in self.items), default=0)
+
+    def numel(self) -> int:
+        """Positions run through the model (image placeholder tokens included: they pass the MoE layers too)."""
+        return sum(int(it["input_ids"].numel()) for it in self.items)
+
+    def num_targets(self) -> int:
+        return sum(_targets(it) for it in self.items)
+
+    def to(self, device) -> SampleSet:
+        return SampleSet([{k: v.to(device) for k, v in it.items()} for it in self.items], self.meta)
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> int:
+    labels = batch.get("labels", batch["input_ids"])
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def iter_batches(samples, batch_size: int, device=None, dtype: torch.dtype | None = None
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Model-input dicts for ``samples``: ``{"input_ids": rows}`` slices of a token-window tensor, or the items of
+    a SampleSet one at a time. ``labels`` (when present) must be popped before calling the model; floating tensors
+    (pixel values) are cast to ``dtype`` when given."""
+    if isinstance(samples, torch.Tensor):
+        for i in range(0, samples.shape[0], batch_size):
+            batch = samples[i: i + batch_size]
+            yield {"input_ids": batch if device is None else batch.to(device)}
+        return
+    for item in samples.items:
+        out = {}
+        for k, v in item.items():
+            if device is not None:
+                v = v.to(device)
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            out[k] = v
+        yield out
+
+
+def num_tokens(samples) -> int:
+    """Positions the model runs over (token windows: every token; a SampleSet: every position incl. images)."""
+    return int(samples.numel())
+
+
+def num_targets(samples) -> int:
+    """Next-token predictions that count in the loss (token windows: n × (seq_len − 1))."""
+    if isinstance(samples, torch.Tensor):
+        return int(samples[:, 1:].numel())
+    if isinstance(samples, dict):
+        return _targets(samples)
+    return samples.num_targets()
+
+
+def read_records(path: str | Path | None) -> list[dict[str, Any]]:
+    """The lines of a .jsonl file as {"text": str, "image": Path | None} (image resolved against the file's
+    folder and required to stay inside it); a .txt file is one text record without an image."""
+    p = Path(path) if path else DEFAULT_CALIB
+    if p.suffix != ".jsonl":
+        return [{"text": t, "image": None} for t in read_texts(p)]
+    texts = read_texts(p)  # validates JSON and the "text" fields
+    base = p.parent.resolve()
+    records = []
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    for n, (line, text) in enumerate(zip(lines, texts), 1):
+        row = json.loads(line)
+        image = row.get("image")
+        if image is not None:
+            if not isinstance(image, str) or not image.strip():
+                raise CalibrationDataError(f'{p}:{n} "image" must be a path relative to the .jsonl file')
+            img = (base / image).resolve()
+            # Paths stay inside the data folder: a job must not read arbitrary files of the worker.
+            if Path(image).is_absolute() or (img != base and base not in img.parents):
+                raise CalibrationDataError(f'{p}:{n} "image" {image!r} must be a relative path inside {base}')
+            if not img.is_file():
+                raise CalibrationDataError(f"{p}:{n} image {image!r} does not exist (paths are relative to {p})")
+            image = img
+        prompt = row.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise CalibrationDataError(f'{p}:{n} "prompt" must be a string')
+        records.append({"text": text, "image": image, "prompt": prompt})
+    return records
+
+
+def has_images(path: str | Path | None) -> bool:
+    if not path or Path(path).suffix != ".jsonl":
+        return False
+    return any(r["image"] is not None for r in read_records(path))
+
+
+def load_samples(path: str | Path | None, tokenizer, n_samples: int, seq_len: int, *, processor=None,
+                 offset: int = 0):
+    """Calibration/evaluation samples from ``path`` (None: the built-in calibration text).
+
+    Text-only data: ``token_samples`` windows (int64 [n, seq_len]), as before. A .jsonl with ``"image"`` lines: a
+    SampleSet of the first ``n_samples`` records prepared by ``processor`` (lines without an image become
+    text-only examples), each text cut to ``seq_len`` tokens. Raises CalibrationDataError when the data has images
+    and the model has no image processor.
+    """
+    if not has_images(path):
+        return token_samples(tokenizer, read_texts(path), n_samples, seq_len, offset=offset)
+    if processor is None:
+        raise CalibrationDataError(
+            f"{path} has \"image\" lines but the model has no image processor (a text-only model, or a VLM "
+            "without preprocessor/processor config files); give text-only data")
+    from .multimodal import build_sample_set
+
+    records = read_records(path)[offset:]
+    return build_sample_set(processor, records[:n_samples], seq_len)

@@ -1,4 +1,4 @@
-"""Perplexity / mean token loss of a causal LM on fixed-length samples."""
+"""Perplexity / mean token loss of a causal LM on fixed-length samples (or on image+text SampleSets)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,38 @@ import math
 import torch
 
 
+def split_batch(batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model inputs, labels) of a batch: a token tensor (labels = the tokens) or a model-input dict whose
+    ``labels`` (IGNORE_INDEX where no loss is taken) default to its ``input_ids``."""
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}, batch
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return inputs, batch.get("labels", batch["input_ids"])
+
+
 @torch.no_grad()
-def mean_token_loss(model, samples: torch.Tensor, *, batch_size: int = 8, device=None,
-                    should_stop=None) -> float:
-    """Mean next-token cross-entropy over every predicted token of every sample (float64 accumulation)."""
-    device = device or next(model.parameters()).device
+def mean_token_loss(model, samples, *, batch_size: int = 8, device=None, should_stop=None) -> float:
+    """Mean next-token cross-entropy over every predicted token of every sample (float64 accumulation).
+
+    ``samples``: int64 token windows [n, seq_len], or a ``data.SampleSet`` (image+text examples; positions whose
+    label is IGNORE_INDEX, such as image placeholders, are not counted)."""
+    from .data import IGNORE_INDEX, iter_batches
+
+    param = next(model.parameters())
+    device = device or param.device
     total, count = 0.0, 0
-    for i in range(0, samples.shape[0], batch_size):
+    for batch in iter_batches(samples, batch_size, device, dtype=param.dtype):
         if should_stop is not None:
             should_stop()
-        batch = samples[i: i + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        target = batch[:, 1:]
+        inputs, labels = split_batch(batch)
+        logits = model(**inputs).logits[:, :-1].float()
+        target = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 reduction="sum")
+                                                 reduction="sum", ignore_index=IGNORE_INDEX)
         total += float(loss.double())
-        count += target.numel()
+        count += int((target != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
-def perplexity(model, samples: torch.Tensor, **kw) -> float:
+def perplexity(model, samples, **kw) -> float:
     return math.exp(mean_token_loss(model, samples, **kw))

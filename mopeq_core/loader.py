@@ -181,7 +181,9 @@ def _check_remote_code(raw: dict, path: Path, trust_remote_code: bool) -> None:
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    attn_implementation: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .multimodal import auto_model_class
 
     path = Path(path)
     cfg_file = path / "config.json"
@@ -204,8 +206,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 **kwargs)
+        # VLMs: the image-text class, so the vision tower and projector are part of the skeleton.
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **kwargs)
     groups = {g.path: g for g in find_expert_groups(model)}
     for module_path, info in qc["modules"].items():
         if module_path not in groups:

@@ -192,14 +192,19 @@ def _download(repo_id: str, revision: str | None, token: str | None, allow_pickl
 
 def load_model(path: Path, *, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
                allow_pickle: bool = False):
-    """Load a causal LM for calibration: eager attention and eager experts (both support double backward)."""
+    """Load a causal LM for calibration: eager attention and eager experts (both support double backward).
+
+    Vision-language models load with their image-text Auto class (``multimodal.auto_model_class``) so the vision
+    tower and projector come with the language model."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .multimodal import auto_model_class
 
     dtype = dtype or torch.float32
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_class(config).from_pretrained(
             path, config=config, dtype=dtype, attn_implementation="eager", experts_implementation="eager",
             trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
     except (ValueError, KeyError) as exc:

@@ -131,11 +131,12 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
     from .artifact import build_bitmap, checkpoint_dtype, matrices_for_layer, \
         write_mopeq_artifact
     from .calibrate import CalibrationStats, calibrate
-    from .data import read_texts, split_holdout, token_samples
+    from .data import SampleSet, load_samples, num_targets, num_tokens, split_holdout
     from .errors import InfeasibleBudgetError
     from .evaluate import mean_token_loss
     from .loading import load_model, load_tokenizer, resolve_model
     from .moe import find_expert_groups
+    from .multimodal import component_bytes, load_processor
     from .sensitivity import SensitivityContext, SensitivityResult, compute_sensitivity
 
     cfg.validate()
@@ -181,12 +182,22 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
         model = load_model(model_path, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                            allow_pickle=cfg.allow_pickle)
         tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+        # VLMs: the processor prepares image+text lines (None for text-only models); text-only data stays token
+        # windows, image+text .jsonl data becomes a SampleSet (one model-input dict per example).
+        processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
         groups = find_expert_groups(model)
-        samples = token_samples(tokenizer, read_texts(cfg.calib_file), cfg.calib_samples, cfg.seq_len)
+        samples = load_samples(cfg.calib_file, tokenizer, cfg.calib_samples, cfg.seq_len, processor=processor)
         fit, holdout = split_holdout(samples) if cfg.sensitivity == "auto" else (samples, samples)
         eval_samples = None
         if cfg.eval_file:
-            eval_samples = token_samples(tokenizer, read_texts(cfg.eval_file), cfg.eval_samples, cfg.seq_len)
+            eval_samples = load_samples(cfg.eval_file, tokenizer, cfg.eval_samples, cfg.seq_len,
+                                        processor=processor)
+
+    def suites():
+        from .eval_suites import run_suites
+
+        return run_suites(model, tokenizer, processor, cfg.eval_suites, eval_file=cfg.eval_file,
+                          include_path=cfg.eval_suite_include, limit=cfg.eval_suite_limit, seed=cfg.seed)
 
     # ---- calibrate ----------------------------------------------------------------------------------------------
     with timed("calibrate"):
@@ -201,6 +212,8 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
                 fp["fp_eval_loss"] = mean_token_loss(model, eval_samples, should_stop=prog.check)
             if cfg.sensitivity == "auto":
                 fp["fp_holdout_loss"] = mean_token_loss(model, holdout, should_stop=prog.check)
+            if cfg.eval_suites:  # full-precision run of the evaluation suites, before any weight changes
+                fp["fp_suites"] = suites()
             torch.save(stats.state(), state.path("calibrate.pt"))
             state.write_json("calibrate", fp)
             state.mark("calibrate")
@@ -323,8 +336,12 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
             if eval_samples is not None:
                 q_loss = mean_token_loss(model, eval_samples, should_stop=prog.check)
                 ev = {"fp_perplexity": math.exp(fp["fp_eval_loss"]), "quantized_perplexity": math.exp(q_loss),
-                      "eval_tokens": int(eval_samples[:, 1:].numel()), "eval_file": cfg.eval_file}
+                      "eval_tokens": num_targets(eval_samples), "eval_file": cfg.eval_file}
                 ev["increase_pct"] = 100.0 * (ev["quantized_perplexity"] / ev["fp_perplexity"] - 1.0)
+            if cfg.eval_suites:  # same suites, same settings, on the quantized model
+                from .eval_suites import compare
+
+                ev["suites"] = compare(fp["fp_suites"], suites())
             state.write_json("evaluate", ev)
             state.mark("evaluate")
 
@@ -332,7 +349,7 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
     with timed("export"):
         chosen_result = sens[alloc_state["method"]]
         sensitivity_desc = {"method": alloc_state["method"], "probes": chosen_result.probes,
-                            "calib_tokens": int(fit.numel()),
+                            "calib_tokens": num_tokens(fit),
                             "rel_std_err_median": chosen_result.rel_std_err_median}
         if cfg.sensitivity == "auto":
             sensitivity_desc["selected_by"] = "auto"
@@ -345,14 +362,16 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
             allocation={"allocator": cfg.allocator, "scope": cfg.scope, "granularity": cfg.granularity,
                         **alloc_state["budget"]})
         out_dir.mkdir(parents=True, exist_ok=True)
-        files = _export(cfg, out_dir, staging, model, groups, chosen, bits, tokenizer, bitmap)
+        files = _export(cfg, out_dir, staging, model, groups, chosen, bits, processor or tokenizer, bitmap)
         (out_dir / "bitmap.json").write_text(json.dumps(bitmap, indent=1))
         files.append(out_dir / "bitmap.json")
     # The report is written after the export stage closes so that its timing is included.
     report = {
         "mopeq_version": __version__, "model": cfg.model, "revision": revision,
         "config": cfg.to_public_dict(), "stages": timings,
-        "perplexity": ev, "calibration": stats.coverage(),
+        "perplexity": {k: v for k, v in ev.items() if k != "suites"}, "calibration": stats.coverage(),
+        "modality": "image+text" if isinstance(samples, SampleSet) else "text",
+        "eval_suites": ev.get("suites"),
         "sensitivity": {m: {"probes": r.probes, "rel_std_err_median": r.rel_std_err_median,
                             "seconds": r.details.get("seconds"), "converged": r.details.get("converged")}
                         for m, r in sens.items()},
@@ -365,7 +384,8 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
                        "details": alloc_state["details"]},
         "sizes": {"expert_bytes": bitmap["expert_bytes"], "non_expert_bytes": non_expert_bytes,
                   "total_bytes": bitmap["total_bytes"], "avg_bits": bitmap["avg_bits"],
-                  "fp_expert_bytes": sum(g.expert_params * g.num_experts for g in groups) * elem},
+                  "fp_expert_bytes": sum(g.expert_params * g.num_experts for g in groups) * elem,
+                  "non_expert_by_component": component_bytes(model, groups, elem)},
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     from .card import write_model_card
@@ -418,5 +438,7 @@ def _export(cfg, out_dir: Path, staging: Path, model, groups, chosen, bits, toke
             shutil.copy2(py, out_dir / py.name)
             files.append(out_dir / py.name)
     tokenizer.save_pretrained(out_dir)
-    files += [p for p in out_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))]
+    files += [p for p in out_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template",
+                                                                 "processor_config", "preprocessor_config",
+                                                                 "video_preprocessor_config"))]
     return files

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,7 +48,7 @@ class SensitivityContext:
     model: torch.nn.Module
     groups: list[ExpertGroup]
     stats: CalibrationStats
-    samples: torch.Tensor  # calibration token windows used for loss-based scores
+    samples: torch.Tensor  # calibration token windows (or an image+text data.SampleSet) for loss-based scores
     probes: int = 64
     tol: float = 0.02
     min_probes: int = 8
@@ -67,11 +68,79 @@ def register(name: str):
     return deco
 
 
-def lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (computed here so no router auxiliary loss is mixed in)."""
-    logits = model(input_ids=input_ids).logits[:, :-1]
+def lm_loss(model, input_ids) -> torch.Tensor:
+    """Mean next-token cross-entropy (computed here so no router auxiliary loss is mixed in).
+
+    ``input_ids``: a token tensor [b, L], or a model-input dict (``input_ids``, ``attention_mask``, ``pixel_values``,
+    ``image_grid_thw``, ...) whose optional ``labels`` mark positions without loss with -100 (image+text data)."""
+    if isinstance(input_ids, torch.Tensor):
+        logits = model(input_ids=input_ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 input_ids[:, 1:].reshape(-1))
+    from .data import IGNORE_INDEX
+    from .evaluate import split_batch
+
+    inputs, labels = split_batch(input_ids)
+    logits = model(**inputs).logits[:, :-1]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             input_ids[:, 1:].reshape(-1))
+                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _batch_targets(batch) -> int:
+    from .data import num_targets
+
+    return num_targets(batch)
+
+
+class _GradThroughExperts:
+    """Within the block, MoE blocks whose dispatch is decorated with ``@torch.no_grad()`` run it with autograd.
+
+    DeepSeek-VL2's remote code (DeepseekV2MoE.moe_infer) computes the routed experts under ``torch.no_grad()`` in
+    eval mode, so no gradient (and no Hessian) would reach its experts and every loss-based score would silently be
+    zero. The wrapped function is the same computation; ``__wrapped__`` (set by torch's decorator) is bound in
+    its place on the instance and removed afterwards."""
+
+    def __init__(self, model, groups):
+        self.blocks = []
+        for g in groups:
+            if g.kind != "modulelist" or "." not in g.path:
+                continue
+            block = model.get_submodule(g.path.rsplit(".", 1)[0])
+            for name in ("moe_infer", "moe_forward", "route_tokens"):
+                fn = getattr(type(block), name, None)
+                if fn is not None and getattr(fn, "__wrapped__", None) is not None \
+                        and _is_no_grad_wrapper(fn):
+                    self.blocks.append((block, name, fn.__wrapped__))
+
+    def __enter__(self):
+        import types
+
+        for block, name, raw in self.blocks:
+            setattr(block, name, types.MethodType(raw, block))
+        return self
+
+    def __exit__(self, *exc):
+        for block, name, _ in self.blocks:
+            block.__dict__.pop(name, None)
+
+
+def _is_no_grad_wrapper(fn) -> bool:
+    """Whether ``fn`` is a function decorated with torch.no_grad()/inference_mode() (grad disabled when called)."""
+    import inspect
+
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        src = ""
+    if re.search(r"@torch\.(no_grad|inference_mode)\(", src):
+        return True
+    grad_off = (torch.no_grad, torch.inference_mode)
+    for cell in getattr(fn, "__closure__", None) or ():
+        v = getattr(cell, "cell_contents", None)
+        # torch's decorator keeps the context's factory (a bound ``clone`` of the no_grad instance) in its closure
+        if isinstance(v, grad_off) or isinstance(getattr(v, "__self__", None), grad_off):
+            return True
+    return False
 
 
 class _ExpertParams:
@@ -124,7 +193,7 @@ def _batches(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [samples[i: i + batch_size] for i in range(0, samples.shape[0], batch_size)]
 
 
-def hutchinson_probe(model, ep: _ExpertParams, batches: torch.Tensor | list[torch.Tensor],
+def hutchinson_probe(model, ep: _ExpertParams, batches: torch.Tensor | list,
                      generator: torch.Generator) -> dict[int, torch.Tensor]:
     """One probe: draw Rademacher v over every expert parameter and return vᵀHv summed per expert.
 
@@ -133,12 +202,14 @@ def hutchinson_probe(model, ep: _ExpertParams, batches: torch.Tensor | list[torc
     """
     if isinstance(batches, torch.Tensor):
         batches = [batches]
-    total = sum(b.numel() for b in batches)
+    # Batches are token tensors or model-input dicts (image+text); each is weighted by its loss targets, which
+    # for equal-length token windows is the same weight as by tokens.
+    total = sum(_batch_targets(b) for b in batches)
     vs = [(torch.randint(0, 2, p.shape, generator=generator, device="cpu").to(p.device, p.dtype) * 2 - 1)
           for p in ep.params]
     hvs = None
     for batch in batches:
-        loss = lm_loss(model, batch) * (batch.numel() / total)
+        loss = lm_loss(model, batch) * (_batch_targets(batch) / total)
         # allow_unused: a ModuleList expert that no token of this batch reached is not in the graph.
         grads = _zeros_for_unused(torch.autograd.grad(loss, ep.params, create_graph=True, allow_unused=True),
                                   ep.params)
@@ -163,11 +234,17 @@ def _median_rel_err(samples: dict[int, list[torch.Tensor]]) -> float:
 def hutchinson(ctx: SensitivityContext) -> SensitivityResult:
     ep = _ExpertParams(ctx.groups)
     gen = torch.Generator().manual_seed(ctx.seed)
-    batches = _batches(ctx.samples.to(next(ctx.model.parameters()).device), ctx.batch_size)
+    param = next(ctx.model.parameters())
+    if isinstance(ctx.samples, torch.Tensor):
+        batches = _batches(ctx.samples.to(param.device), ctx.batch_size)
+    else:  # image+text SampleSet: one model-input dict per example
+        from .data import iter_batches
+
+        batches = list(iter_batches(ctx.samples, ctx.batch_size, param.device, dtype=param.dtype))
     draws: dict[int, list[torch.Tensor]] = {g.layer: [] for g in ctx.groups}
     rel = float("inf")
     k = 0
-    with _RequiresGradOnly(ctx.model, ep.params):
+    with _RequiresGradOnly(ctx.model, ep.params), _GradThroughExperts(ctx.model, ctx.groups):
         for k in range(1, ctx.probes + 1):
             if ctx.should_stop:
                 ctx.should_stop()
@@ -193,14 +270,16 @@ def hutchinson(ctx: SensitivityContext) -> SensitivityResult:
 def per_sample_grad_sq(model, ep: _ExpertParams, samples: torch.Tensor, should_stop=None, on_progress=None
                        ) -> dict[int, torch.Tensor]:
     """Σ_i ‖∇ℓ_i‖² per expert, one backward per sequence i."""
+    from .data import iter_batches
+
     total = {g.layer: torch.zeros(g.num_experts, dtype=torch.float64) for g in ep.groups}
-    device = next(model.parameters()).device
-    n = samples.shape[0]
-    with _RequiresGradOnly(model, ep.params):
-        for i in range(n):
+    param = next(model.parameters())
+    n = len(samples)
+    with _RequiresGradOnly(model, ep.params), _GradThroughExperts(model, ep.groups):
+        for i, batch in enumerate(iter_batches(samples, 1, param.device, dtype=param.dtype)):
             if should_stop:
                 should_stop()
-            loss = lm_loss(model, samples[i: i + 1].to(device))
+            loss = lm_loss(model, batch["input_ids"] if len(batch) == 1 else batch)
             grads = _zeros_for_unused(torch.autograd.grad(loss, ep.params, allow_unused=True), ep.params)
             for layer, v in ep.per_expert_sums([g * g for g in grads]).items():
                 total[layer] += v
@@ -212,7 +291,7 @@ def per_sample_grad_sq(model, ep: _ExpertParams, samples: torch.Tensor, should_s
 @register("fisher")
 def fisher(ctx: SensitivityContext) -> SensitivityResult:
     ep = _ExpertParams(ctx.groups)
-    n = ctx.samples.shape[0]
+    n = len(ctx.samples)
     sums = per_sample_grad_sq(ctx.model, ep, ctx.samples, ctx.should_stop, ctx.on_progress)
     return SensitivityResult("fisher", {layer: (v / n).tolist() for layer, v in sums.items()},
                              details={"samples": n, "estimator": "trace of the empirical Fisher"})

@@ -1,0 +1,132 @@
+"""Tiny vision-language MoE models for the tests, each saved with a processor like a Hub checkpoint.
+
+- ``build_qwen3_vl_moe``: transformers' own Qwen3-VL-MoE (vision tower with deepstack merger + MoE text model), random
+  weights, with a real ``Qwen3VLProcessor`` (Qwen2-VL image processor, the shipped tokenizer plus Qwen's vision
+  tokens, a Qwen-style chat template).
+- ``build_deepseek_vl2_standin`` / ``build_molmoe_standin``: remote-code model directories (``auto_map`` and the
+  modeling file from ``tests/standins/``) whose language models reproduce DeepSeek-VL2's DeepSeekMoE and MolmoE's
+  OLMoE-style MoE (``nn.ModuleList`` of ``nn.Linear`` experts); their vision towers are stubs (a patch convolution
+  and a projector MLP). Their processor is transformers' ``LlavaProcessor`` (CLIP image processor, one placeholder
+  token per 8×8 patch of a 32×32 image).
+
+All use the tokenizer of the shipped ``models/mopeq-tiny-moe`` with added special tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "models" / "mopeq-tiny-moe"
+STANDINS = Path(__file__).resolve().parent / "standins"
+VLM_DATA = REPO / "data" / "vlm"
+
+QWEN_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"]
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|User|>: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n\n"
+    "{% else %}<|Assistant|>: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}")
+
+
+def tokenizer(extra: list[str]):
+    tok = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tok.add_special_tokens({"additional_special_tokens": extra})
+    return tok
+
+
+def build_qwen3_vl_moe(root: Path, *, seed: int = 0) -> Path:
+    """Tiny Qwen3-VL-MoE: 2 text layers × 4 experts (top-2), 2 vision blocks, patch 8, merge 2."""
+    tok = tokenizer(QWEN_TOKENS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
+    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 1024, "bos_token_id": 1,
+            "eos_token_id": 2, "pad_token_id": 0, "initializer_range": 0.1, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                "mrope_interleaved": True}}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": 8,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 32,
+              "num_position_embeddings": 64, "deepstack_visual_indexes": [1], "initializer_range": 0.1}
+    cfg = transformers.Qwen3VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    ip = transformers.Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=32 * 32, max_pixels=48 * 48)
+    vp = transformers.Qwen3VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2)
+    proc = transformers.Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                                         chat_template=QWEN_TEMPLATE)
+    out = root / "qwen3_vl_moe"
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def _import_standin(filename: str):
+    spec = importlib.util.spec_from_file_location(f"mopeq_test_{filename[:-3]}", STANDINS / filename)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _llava_processor(tok, image_token: str, chat_template: str | None):
+    ip = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                         do_center_crop=True)
+    return transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8,
+                                       vision_feature_select_strategy="full", num_additional_image_tokens=0,
+                                       image_token=image_token, chat_template=chat_template)
+
+
+def _save_remote(model, proc, out: Path, filename: str, config_cls: str, model_cls: str) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    shutil.copy2(STANDINS / filename, out / filename)
+    cfg = json.loads((out / "config.json").read_text())
+    mod = filename[:-3]
+    cfg["auto_map"] = {"AutoConfig": f"{mod}.{config_cls}", "AutoModelForImageTextToText": f"{mod}.{model_cls}"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def build_deepseek_vl2_standin(root: Path, *, seed: int = 0, **config_overrides) -> Path:
+    """DeepSeek-VL2-tiny-shaped stand-in scaled down: 3 layers (the first dense), 16 routed experts top-4
+    (softmax, greedy, no renormalisation: VL2-tiny's router), 2 shared experts."""
+    mod = _import_standin("modeling_deepseek_vl2_standin.py")
+    tok = tokenizer(["<image>"])
+    cfg = mod.DeepseekVL2StandInConfig(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=0, **config_overrides)
+    torch.manual_seed(seed)
+    model = mod.DeepseekVL2StandInForCausalLM(cfg).eval()
+    return _save_remote(model, _llava_processor(tok, "<image>", DS_TEMPLATE), root / "deepseek_vl2_standin",
+                        "modeling_deepseek_vl2_standin.py", "DeepseekVL2StandInConfig",
+                        "DeepseekVL2StandInForCausalLM")
+
+
+def build_molmoe_standin(root: Path, *, seed: int = 0) -> Path:
+    """MolmoE-1B-shaped stand-in scaled down: 2 blocks × 16 experts top-4 (MolmoE-1B: 64 experts, top-8)."""
+    mod = _import_standin("modeling_molmoe_standin.py")
+    tok = tokenizer(["<im_patch>", "<im_start>", "<im_end>", "<im_col>"])
+    base = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    cfg = mod.MolmoeStandInConfig(vocab_size=len(base), additional_vocab_size=len(tok) - len(base) + 4,
+                                  image_patch_id=tok.convert_tokens_to_ids("<im_patch>"),
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = mod.MolmoeStandInForCausalLM(cfg).eval()
+    return _save_remote(model, _llava_processor(tok, "<im_patch>", None), root / "molmoe_standin",
+                        "modeling_molmoe_standin.py", "MolmoeStandInConfig", "MolmoeStandInForCausalLM")
