@@ -55,7 +55,9 @@ def token_samples(tokenizer, texts: list[str], n_samples: int, seq_len: int, *, 
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        # The whole text is tokenized at once and cut into windows afterwards, so the tokenizer's
+        # "longer than model_max_length" warning does not apply; verbose=False keeps it quiet.
+        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
         ids.extend(sep)
     ids = ids[offset:]
     if len(ids) < seq_len + 1:

@@ -194,7 +194,7 @@ def _batches(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def hutchinson_probe(model, ep: _ExpertParams, batches: torch.Tensor | list,
-                     generator: torch.Generator) -> dict[int, torch.Tensor]:
+                     generator: torch.Generator, should_stop=None) -> dict[int, torch.Tensor]:
     """One probe: draw Rademacher v over every expert parameter and return vᵀHv summed per expert.
 
     H is the Hessian of the mean calibration loss over all ``batches``; Hv is accumulated batch by batch (one
@@ -209,6 +209,8 @@ def hutchinson_probe(model, ep: _ExpertParams, batches: torch.Tensor | list,
           for p in ep.params]
     hvs = None
     for batch in batches:
+        if should_stop is not None:  # a probe can take minutes on CPU: let a cancel land between batches
+            should_stop()
         loss = lm_loss(model, batch) * (_batch_targets(batch) / total)
         # allow_unused: a ModuleList expert that no token of this batch reached is not in the graph.
         grads = _zeros_for_unused(torch.autograd.grad(loss, ep.params, create_graph=True, allow_unused=True),
@@ -250,7 +252,7 @@ def hutchinson(ctx: SensitivityContext) -> SensitivityResult:
                 ctx.should_stop()
             # Every probe sees all calibration tokens, so the estimate targets the trace of the Hessian of the
             # whole calibration loss and its standard error is probe noise only.
-            est = hutchinson_probe(ctx.model, ep, batches, gen)
+            est = hutchinson_probe(ctx.model, ep, batches, gen, ctx.should_stop)
             for layer, v in est.items():
                 draws[layer].append(v)
             if k >= 2:
