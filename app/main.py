@@ -8,15 +8,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.routes import admin, estimate, health, jobs
+from app.api.routes import admin, estimate, health, hooks, jobs, watches
+from app.core.bodylimit import BodyLimitMiddleware
 from app.core.celery_conf import make_celery
 from app.core.config import Settings, get_settings
 from app.core.metrics import Metrics
 from app.core.security import Keyring, redact
 from app.db.session import make_engine, make_sessionmaker
+from app.schemas.common import document_errors
 from app.services.errors import ServiceError
 from app.services.ratelimit import RateLimiter
 
@@ -58,8 +60,8 @@ def _client_went_away(exc: BaseException) -> bool:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
-    app = FastAPI(title="MoPEQ service", version="0.1.0", description=DESCRIPTION,
-                  max_body_size=settings.MAX_BODY_BYTES)
+    app = FastAPI(title="MoPEQ service", version="0.1.0", description=DESCRIPTION)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)  # JSON 413s, chunked bodies too
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
@@ -82,7 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
+        code = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(OperationalError)
@@ -90,6 +93,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.error("database error on %s: %s", request.url.path, redact(str(exc.orig))[:500])
         return _error(503, "database_unavailable", "the database is unavailable; retry later",
                       {"Retry-After": "5"})
+
+    @app.exception_handler(DataError)
+    async def _bad_data(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value taken from the request (PostgreSQL: a NUL character in a path, query or body
+        # string, a string longer than its column): bad input, not a server fault. The value is not echoed.
+        log.info("database refused a request value on %s: %s", request.url.path, type(exc.orig).__name__)
+        return _error(422, "invalid_request", "a value in the request cannot be stored or searched (NUL characters "
+                      "are not allowed in text)")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -111,4 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(estimate.router, prefix="/v1")
     app.include_router(admin.router, prefix="/v1")
+    app.include_router(watches.router, prefix="/v1")
+    app.include_router(hooks.router, prefix="/v1")
+    document_errors(app)
     return app

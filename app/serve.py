@@ -1,7 +1,8 @@
 """``python -m app.serve``: the embedded service (``make serve``).
 
 Runs the database migrations, then serves the API with uvicorn on 127.0.0.1:$MOPEQ_PORT and supervises one
-Celery worker subprocess on the same settings (restarted if it dies). SIGINT/SIGTERM stop the API, then ask the
+Celery worker subprocess on the same settings (restarted if it dies), plus one webhook worker
+(``python -m worker.webhooks``: outgoing webhooks on their own queue). SIGINT/SIGTERM stop the API, then ask the
 worker for a warm shutdown: a running job stops at its next check and is re-queued, so it resumes from its last
 finished stage on the next start.
 
@@ -26,8 +27,8 @@ log = logging.getLogger("mopeq.serve")
 
 
 class WorkerSupervisor:
-    def __init__(self, index: int, env: dict[str, str]):
-        self.index, self.env = index, env
+    def __init__(self, index: int, env: dict[str, str], module: str = "worker"):
+        self.index, self.env, self.module = index, env, module
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"worker-supervisor-{index}", daemon=True)
@@ -37,14 +38,14 @@ class WorkerSupervisor:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # Its own session: a Ctrl-C in the terminal reaches the API only; we stop the worker ourselves.
-        return subprocess.Popen([sys.executable, "-m", "worker"], env=self.env, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", self.module], env=self.env, start_new_session=True)
 
     def _run(self) -> None:
         backoff = 1.0
         while not self.stopping.is_set():
             started = time.monotonic()
             self.proc = self._spawn()
-            log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+            log.info("%s %d started (pid %d)", self.module, self.index, self.proc.pid)
             rc = self.proc.wait()
             if self.stopping.is_set():
                 return
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             sup = WorkerSupervisor(i, env)
             sup.start()
             supervisors.append(sup)
+        hooks = WorkerSupervisor(0, env, module="worker.webhooks")  # outgoing webhooks, on their own queue
+        hooks.start()
+        supervisors.append(hooks)
     config = uvicorn.Config(app, host=settings.HOST, port=settings.PORT, log_config=None, access_log=False,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -25,11 +25,13 @@ from mopeq_client.sdk import (
     Job,
     JobList,
     MopeqClient,
+    Watch,
     __version__,
 )
 
 __all__ = [
     "Artifact", "AsyncMopeqClient", "AuthenticationError", "Bitmap", "ChecksumError", "ConflictError", "Estimate",
     "Event", "Job", "JobList", "MopeqAPIError", "MopeqClient", "MopeqError", "NotFoundError", "RateLimitError",
-    "ServerError", "ServiceUnreachableError", "StreamError", "ValidationError", "WaitTimeoutError", "__version__",
+    "ServerError", "ServiceUnreachableError", "StreamError", "ValidationError", "WaitTimeoutError", "Watch",
+    "__version__",
 ]

@@ -270,6 +270,26 @@ class Artifact(_Model):
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
+@dataclass
+class Watch(_Model):
+    """A watch (``/v1/watches``): every new commit on the main branch of ``repo`` (or of an owner's repos matching
+    it) is quantized with ``template``. ``webhook_secret`` is set only on the answer to ``create_watch``."""
+
+    id: str
+    repo: str
+    template: dict[str, Any] | None = None
+    target_repo: str | None = None
+    private: bool | None = None
+    has_hf_token: bool | None = None
+    webhook: dict[str, Any] | None = None
+    owner_key_id: str | None = None
+    webhook_secret: str | None = None
+    created_at: dt.datetime | None = None
+    deleted_at: dt.datetime | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    _dates = ("created_at", "deleted_at")
+
+
 Bitmap = dict  # bitmap.json (format_version 1), as a plain dict
 
 
@@ -348,6 +368,22 @@ def job_body(model: str, *, revision: str | None = None, avg_bits: float | None 
             p["private"] = bool(private)
         body["push"] = p
     body.update(extra)
+    return body
+
+
+def watch_body(repo: str, *, template: dict[str, Any] | None = None, target_repo: str | None = None,
+               private: bool | None = None, hf_token: str | None = None, webhook_url: str | None = None,
+               webhook_secret: str | None = None, **knobs: Any) -> dict[str, Any]:
+    """The ``POST /v1/watches`` body. ``knobs`` are those of :func:`job_body` (``avg_bits``, ``quantizer``,
+    ``eval_file``, ...) and fill the job template (``template`` given as a dict is merged under them)."""
+    tmpl = dict(template or {})
+    tmpl.update({k: v for k, v in job_body("-", **knobs).items() if k != "model"})
+    body: dict[str, Any] = {"repo": repo, "template": tmpl}
+    for k, v in (("target_repo", target_repo), ("private", private), ("hf_token", hf_token)):
+        if v is not None:
+            body[k] = v
+    if webhook_url is not None:
+        body["webhook"] = {"url": webhook_url, **({"secret": webhook_secret} if webhook_secret else {})}
     return body
 
 
@@ -765,6 +801,24 @@ class MopeqClient(_Base):
         ``budget_gb`` to ask whether that budget is feasible)."""
         return Estimate.from_dict(self._json("POST", "/v1/estimate", json=estimate_body(model, **knobs)))
 
+    # watches: quantize every new commit of a Hub repo (the Hub's webhook calls POST /v1/hooks/hub)
+    def create_watch(self, repo: str, **kw: Any) -> Watch:
+        """``POST /v1/watches``; keywords: see :func:`watch_body`. The answer carries ``webhook_secret`` (once)."""
+        return Watch.from_dict(self._json("POST", "/v1/watches", json=watch_body(repo, **kw)))
+
+    def list_watches(self) -> list[Watch]:
+        return [Watch.from_dict(w) for w in self._json("GET", "/v1/watches")]
+
+    def get_watch(self, watch_id: str) -> Watch:
+        return Watch.from_dict(self._json("GET", f"/v1/watches/{quote(watch_id, safe='')}"))
+
+    def delete_watch(self, watch_id: str) -> Watch:
+        return Watch.from_dict(self._json("DELETE", f"/v1/watches/{quote(watch_id, safe='')}"))
+
+    def webhooks(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's outgoing webhook messages, each with its delivery attempts."""
+        return self._json("GET", self._job_path(job_id, "/webhooks"))
+
     # downloads -----------------------------------------------------------------------------------------------------------
     def _fetch(self, job_id: str, art: Artifact, folder: Path, verify: bool) -> Path:
         """Stream one file to a temporary file in ``folder``; return it once its SHA-256 checks out."""
@@ -1016,6 +1070,21 @@ class AsyncMopeqClient(_Base):
 
     async def estimate(self, model: str, **knobs: Any) -> Estimate:
         return Estimate.from_dict(await self._json("POST", "/v1/estimate", json=estimate_body(model, **knobs)))
+
+    async def create_watch(self, repo: str, **kw: Any) -> Watch:
+        return Watch.from_dict(await self._json("POST", "/v1/watches", json=watch_body(repo, **kw)))
+
+    async def list_watches(self) -> list[Watch]:
+        return [Watch.from_dict(w) for w in await self._json("GET", "/v1/watches")]
+
+    async def get_watch(self, watch_id: str) -> Watch:
+        return Watch.from_dict(await self._json("GET", f"/v1/watches/{quote(watch_id, safe='')}"))
+
+    async def delete_watch(self, watch_id: str) -> Watch:
+        return Watch.from_dict(await self._json("DELETE", f"/v1/watches/{quote(watch_id, safe='')}"))
+
+    async def webhooks(self, job_id: str) -> list[dict[str, Any]]:
+        return await self._json("GET", self._job_path(job_id, "/webhooks"))
 
     async def _fetch(self, job_id: str, art: Artifact, folder: Path, verify: bool) -> Path:
         url = self._artifact_url(job_id, art.name)

@@ -49,6 +49,17 @@ DTYPE_BYTES = {
     "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
     "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
 }
+# dtypes safetensors knows without a whole-byte width (sub-byte floats, complex); anything else is refused
+OTHER_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "C64"}
+# Upper bounds on the sizes a config.json may claim (far above any real model): a config that claims more would
+# make the worker try to build an impossible model.
+CONFIG_SIZE_LIMITS = {
+    "hidden_size": 1 << 20, "intermediate_size": 1 << 22, "moe_intermediate_size": 1 << 22,
+    "shared_expert_intermediate_size": 1 << 22, "num_hidden_layers": 4096, "num_local_experts": 1 << 16,
+    "num_experts": 1 << 16, "n_routed_experts": 1 << 16, "num_experts_per_tok": 1 << 16, "vocab_size": 1 << 24,
+    "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14, "head_dim": 1 << 16,
+    "max_position_embeddings": 1 << 28,
+}
 _PER_EXPERT = re.compile(r"^(?P<module>(?:.*\.)?experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
 _FUSED = re.compile(r"^(?P<module>(?:.*\.)?experts)\.(?P<proj>gate_up_proj|down_proj|gate_proj|up_proj|w1|w2|w3)"
                     r"(?:\.weight)?$")
@@ -179,9 +190,11 @@ def _tensor(name: str, meta: Any, where: str) -> Tensor:
     offsets = meta.get("data_offsets")
     numel = _numel(shape)
     width = DTYPE_BYTES.get(meta["dtype"])
+    if width is None and meta["dtype"] not in OTHER_DTYPES:
+        raise UserInputError(f"{where}: tensor '{name}' has an unknown dtype {meta['dtype'][:20]!r}")
     if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets):
         nbytes = offsets[1] - offsets[0]
-        if nbytes < 0 or (width is not None and nbytes != numel * width):
+        if offsets[0] < 0 or nbytes < 0 or (width is not None and nbytes != numel * width):
             raise UserInputError(f"{where}: tensor '{name}' claims {numel} x {meta['dtype']} but its data takes "
                                  f"{nbytes} bytes; the header is inconsistent")
     elif width is not None:
@@ -204,8 +217,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                                  f"{size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserInputError(f"{path.name}: malformed safetensors header ({exc})") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise UserInputError(f"{path.name}: malformed safetensors header ({str(exc)[:200]})") from exc
     if not isinstance(header, dict):
         raise UserInputError(f"{path.name}: malformed safetensors header (not a JSON object)")
     end = max((m["data_offsets"][1] for k, m in header.items()
@@ -220,6 +233,14 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 def _check_config(config: Any, where: str, trust_remote_code: bool) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise UserInputError(f"{where}/config.json is not a JSON object")
+    for sub in [config, *(v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict))]:
+        for key, limit in CONFIG_SIZE_LIMITS.items():
+            v = sub.get(key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= limit:
+                raise UserInputError(f"{where}/config.json claims {key}={str(v)[:40]}, which is not a size any "
+                                     f"model has (at most {limit}); refusing to build it")
     if "auto_map" in config and not trust_remote_code:
         raise RemoteCodeRequiredError(
             f"{where} needs remote code (config.json has auto_map: {sorted(config['auto_map'])}); running it "
@@ -269,8 +290,8 @@ def inspect_local(path: Path, *, roots: list[Path] | None = None, allow_pickle: 
         raise ModelNotFoundError(f"{where} has no config.json; point the model at a transformers model directory")
     try:
         config = json.loads(_open_ok(config_path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"{where}/config.json is not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserInputError(f"{where}/config.json is not valid JSON ({str(exc)[:200]})") from exc
     config = _check_config(config, where, trust_remote_code)
     names = sorted(p.name for p in real.iterdir() if p.is_file())
     st = _check_weight_files(names, where, allow_pickle)
@@ -319,8 +340,8 @@ def inspect_hub(repo_id: str, *, revision: str | None = None, token: str | None 
         config_file = api.hf_hub_download(repo_id, "config.json", revision=sha)
         try:
             config = json.loads(Path(config_file).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserInputError(f"{repo_id}/config.json is not valid JSON ({exc})") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise UserInputError(f"{repo_id}/config.json is not valid JSON ({str(exc)[:200]})") from exc
         config = _check_config(config, repo_id, trust_remote_code)
         st = _check_weight_files([n for n in names if "/" not in n], repo_id, allow_pickle)
         tensors: list[Tensor] = []

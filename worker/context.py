@@ -98,7 +98,8 @@ class WorkerContext:
         cur = self.current
         if cur is None:
             return
-        limit = self.settings.JOB_TIMEOUT_S + max(60.0, 0.1 * self.settings.JOB_TIMEOUT_S)
+        grace = self.settings.WATCHDOG_GRACE_S
+        limit = self.settings.JOB_TIMEOUT_S + (grace if grace > 0 else max(60.0, 0.1 * self.settings.JOB_TIMEOUT_S))
         if time.monotonic() - cur.started < limit:
             return
         msg = (f"job timed out: no progress check for {limit:.0f} s past the start (MOPEQ_JOB_TIMEOUT_S="
@@ -109,6 +110,10 @@ class WorkerContext:
                 status="failed", error=msg, error_code="timeout", finished_at=utcnow(), hf_token_enc=None))
             if res.rowcount:
                 add_event(db, cur.job_id, "status", status="failed", message=msg)
+        if res.rowcount:
+            from worker.recovery import remove_job_files
+
+            remove_job_files(self, cur.job_id)  # no partial artifacts or stage files are left behind
         log.error("%s; exiting", msg)
         os._exit(70)
 

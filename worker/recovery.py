@@ -39,6 +39,13 @@ def claim(ctx: WorkerContext, job_id: str) -> bool:
                          .execution_options(synchronize_session=False))
         if res.rowcount == 1:
             return True
+        # Our own claim, left 'running' when releasing it failed (e.g. the database was down when a transient error
+        # hit); claim() is only called between jobs, so this worker is not running it: resume it (not a recovery).
+        res = db.execute(update(Job).where(Job.id == job_id, Job.status == "running",
+                                           Job.worker_id == ctx.worker_id).values(**taken)
+                         .execution_options(synchronize_session=False))
+        if res.rowcount == 1:
+            return True
         res = db.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "running", Job.worker_id != ctx.worker_id,
@@ -85,9 +92,14 @@ def sweep(ctx: WorkerContext) -> dict[str, int]:
     stale = now - dt.timedelta(seconds=s.HEARTBEAT_STALE_S)
     dead = dead_worker_ids(ctx)
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "published": 0}
+    _forget_lost_publishes(ctx)
+    cur = getattr(ctx, "current", None)
     with ctx.factory() as db:
+        # Another worker's job with a stale heartbeat or a dead worker, or one of our own that we are not running
+        # any more (its claim could not be released) and whose heartbeat went stale.
         orphans = list(db.scalars(select(Job).where(
-            Job.status == "running", Job.worker_id != ctx.worker_id,
+            Job.status == "running",
+            or_(Job.worker_id != ctx.worker_id, Job.id != (cur.job_id if cur is not None else "")),
             or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale,
                 Job.worker_id.in_(dead) if dead else false()))))
         unpublished = list(db.scalars(select(Job.id).where(
@@ -132,6 +144,37 @@ def sweep(ctx: WorkerContext) -> dict[str, int]:
     if any(counts.values()):
         log.info("recovery sweep: %s", counts)
     return counts
+
+
+def _forget_lost_publishes(ctx: WorkerContext) -> None:
+    """A Redis broker that restarted without persistence lost every message it held: queued jobs published before
+    it started are marked unpublished, so that the sweep publishes them again (a duplicate message is harmless:
+    only one claim succeeds)."""
+    s = ctx.settings
+    if not s.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return
+    try:
+        import redis
+
+        client = redis.Redis.from_url(s.broker_url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            uptime = int(client.info("server")["uptime_in_seconds"])
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001 - the broker is down: nothing to compare yet
+        log.debug("broker uptime unknown: %s", type(exc).__name__)
+        return
+    if uptime > 24 * 3600:
+        return
+    # uptime is whole seconds: err towards 'later' (a job published just after the restart may go out twice)
+    started = utcnow() - dt.timedelta(seconds=uptime - 2)
+    with ctx.factory() as db, db.begin():
+        res = db.execute(update(Job).where(Job.status == "queued", Job.enqueued_at.is_not(None),
+                                           Job.enqueued_at < started).values(enqueued_at=None)
+                         .execution_options(synchronize_session=False))
+    if res.rowcount:
+        log.warning("the broker restarted %d s ago; %d queued job(s) published before that will be published "
+                    "again", uptime, res.rowcount)
 
 
 def _publish(ctx: WorkerContext, job_id: str) -> bool:

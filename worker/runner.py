@@ -4,10 +4,12 @@ cancel flag and the job timeout are polled from inside the pipeline's hooks."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -62,16 +64,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _parse_delays(spec: str) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _parse_delays(spec: str) -> dict[str, tuple[float, bool]]:
+    """``stage:seconds`` pauses at the start of a stage, polling cancel and the timeout; ``stage:seconds:hang``
+    sleeps without polling (code that never checks: only the watchdog can end it)."""
+    out: dict[str, tuple[float, bool]] = {}
     for part in spec.split(","):
-        if ":" in part:
-            stage, secs = part.split(":", 1)
+        bits = [b.strip() for b in part.split(":")]
+        if len(bits) in (2, 3):
             try:
-                out[stage.strip()] = float(secs)
+                out[bits[0]] = (float(bits[1]), len(bits) == 3 and bits[2] == "hang")
             except ValueError:
                 pass
     return out
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 class JobRun:
@@ -134,10 +149,14 @@ class JobRun:
         self._raise_if_stopping()
 
     def _debug_delay(self, stage: str | None) -> None:
-        secs = self.delays.get(stage or "")
+        secs, hang = self.delays.get(stage or "", (0.0, False))
         if not secs:
             return
-        log.info("job %s: fault-injection delay of %.1f s at the start of %s", self.job_id, secs, stage)
+        log.info("job %s: fault-injection %s of %.1f s at the start of %s", self.job_id,
+                 "hang" if hang else "delay", secs, stage)
+        if hang:
+            time.sleep(secs)
+            return
         end = time.monotonic() + secs
         while time.monotonic() < end:
             time.sleep(0.1)
@@ -207,6 +226,7 @@ class JobRun:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             result = pipeline.run_quantization(cfg, self.out_dir, state_dir=self.state_dir, on_event=self.on_event,
                                                should_cancel=self.should_cancel)
+            self._check_quota_after_export()
             self._close_stage()
             self._record_results(job, result)
             if job.push_requested:
@@ -227,6 +247,11 @@ class JobRun:
             remove_job_files(self.ctx, self.job_id)
             return "failed"
         except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                msg = redact(f"disk full in stage {self.stage or 'setup'}: {exc}; the job's files were removed")
+                self._finish("failed", f"failed: {msg}", error=msg, code="disk_space")
+                remove_job_files(self.ctx, self.job_id)
+                return "failed"
             if _is_transient(exc):
                 self._release(f"transient error ({type(exc).__name__}); the job will be retried")
                 raise TransientError(redact(f"{type(exc).__name__}: {exc}")[:500]) from None
@@ -335,6 +360,13 @@ class JobRun:
         if have_out < need_out:
             raise DiskSpaceError(f"not enough disk space for the output on the worker: need {need_out / 1e9:.2f} GB "
                                  f"(estimate + MOPEQ_MIN_FREE_DISK_GB), have {have_out / 1e9:.2f} GB")
+        quota = self.s.ARTIFACT_MAX_BYTES
+        if quota > 0:
+            used = _tree_bytes(self.s.artifact_dir) - _tree_bytes(self.out_dir)
+            need = int((job.est_output_bytes or 0) * 1.2)
+            if used + need > quota:
+                raise DiskSpaceError(f"the artifact store is full: {used} of MOPEQ_ARTIFACT_MAX_BYTES={quota} bytes "
+                                     f"are used and this job's output needs about {need} more")
         if job.model_source == "hub" and job.est_download_bytes:
             from huggingface_hub import constants
 
@@ -344,6 +376,17 @@ class JobRun:
             if have < need:
                 raise DiskSpaceError(f"not enough disk space to download the model into {cache}: need "
                                      f"{need / 1e9:.2f} GB, have {have / 1e9:.2f} GB")
+
+    def _check_quota_after_export(self) -> None:
+        """The store may have filled up while the job ran (other jobs, other writers): refuse a result that does not
+        fit the quota, before any artifact row is written (the caller removes the job's files)."""
+        quota = self.s.ARTIFACT_MAX_BYTES
+        if quota <= 0:
+            return
+        used, mine = _tree_bytes(self.s.artifact_dir), _tree_bytes(self.out_dir)
+        if used > quota:
+            raise DiskSpaceError(f"the artifact store is full: {used} bytes used (this job's output: {mine}) > "
+                                 f"MOPEQ_ARTIFACT_MAX_BYTES={quota}; the job's files were removed")
 
     def _record_results(self, job: Job, result: Any) -> None:
         """One transaction: allocation rows from bitmap.json and one artifact row per file (replacing any from an
@@ -390,6 +433,7 @@ class JobRun:
         self.stage, self.stage_started = "push", time.monotonic()
         self._update({"kind": "stage", "stage": "push", "progress": 0.97, "message": "pushing to the Hub"},
                      stage="push", progress=0.97)
+        self._debug_delay("push")
         self._raise_if_stopping()
         if not self.token:
             raise UserInputError("push needs the job's hf_token, which is no longer available")

@@ -67,9 +67,22 @@ class Settings(BaseSettings):
     TRANSIENT_RETRIES: int = 5
     WORKER_DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
     MIN_FREE_DISK_GB: float = 1.0
+    ARTIFACT_MAX_BYTES: int = 0  # artifact store quota (bytes, all jobs together); 0 = only the disk's free space
+    WATCHDOG_GRACE_S: float = 0.0  # stuck past JOB_TIMEOUT_S + this: fail the job, restart; 0 = max(60, 10%)
     REDIS_KEY_PREFIX: str = ""  # kombu global_keyprefix, to share one Redis between deployments
     # Fault injection for tests: "stage:seconds,..." sleeps (polling cancel) when a stage starts.
     DEBUG_STAGE_DELAY: str = ""
+
+    # Hub webhooks in (POST /v1/hooks/hub) and signed webhooks out (app.services.webhooks, worker.webhooks)
+    HUB_WEBHOOK_SECRET: SecretStr | None = None  # the Hub's X-Webhook-Secret; unset: the route refuses everything
+    WEBHOOK_ALLOW_PRIVATE: bool = False  # allow webhook URLs on private/loopback/link-local/reserved addresses
+    WEBHOOK_QUEUE: str = "webhooks"  # Celery queue of deliveries (served by python -m worker.webhooks)
+    WEBHOOK_CONCURRENCY: int = 4  # delivery threads per webhook worker
+    WEBHOOK_MAX_ATTEMPTS: int = 8
+    WEBHOOK_RETRY_BASE_S: float = 5.0  # attempt n waits base * 4**(n-1) (jittered), at most WEBHOOK_RETRY_MAX_S
+    WEBHOOK_RETRY_MAX_S: float = 6 * 3600.0
+    WEBHOOK_TIMEOUT_S: float = 15.0
+    WEBHOOK_SWEEP_INTERVAL_S: float = 2.0  # how often webhook workers look for finished jobs to announce
 
     @field_validator("MODEL_ROOTS", "ALLOW_REMOTE_CODE_REPOS", mode="before")
     @classmethod

@@ -221,3 +221,94 @@ class Worker(Base):
     heartbeat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     stopped_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     current_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+# ---- watches (quantize new Hub commits) and outgoing webhooks (migration 0002) ------------------------------------
+class Watch(Base):
+    """A Hub repo (or an owner's repos by glob) whose new commits on main each get a job from ``template``."""
+
+    __tablename__ = "watches"
+    __table_args__ = (Index("ix_watches_owner_created", "owner_key_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    repo: Mapped[str] = mapped_column(String(200))  # "org/name", or "org/<glob>" such as "org/*-MoE*"
+    template: Mapped[dict[str, Any]] = mapped_column(JSON)  # the job knobs (POST /v1/jobs without model/revision)
+    target_repo: Mapped[str | None] = mapped_column(String(300), nullable=True)  # push naming rule
+    push_private: Mapped[bool] = mapped_column(Boolean, default=True)
+    hf_token_enc: Mapped[str | None] = mapped_column(Text, nullable=True)  # Fernet
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    webhook_secret_enc: Mapped[str | None] = mapped_column(Text, nullable=True)  # Fernet
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WatchTrigger(Base):
+    """One job per (watch, repo, commit): the unique constraint makes a retried or concurrent Hub delivery find the
+    first job instead of making a second."""
+
+    __tablename__ = "watch_triggers"
+    __table_args__ = (UniqueConstraint("watch_id", "repo", "sha", name="uq_watch_triggers_watch_repo_sha"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    watch_id: Mapped[str] = mapped_column(ForeignKey("watches.id", ondelete="CASCADE"))
+    repo: Mapped[str] = mapped_column(String(200))
+    sha: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    hub_webhook_id: Mapped[str | None] = mapped_column(String(100), nullable=True)  # the Hub's webhook.id
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobWebhook(Base):
+    """Where a job's final status is announced (the job body's ``webhook``, or its watch's)."""
+
+    __tablename__ = "job_webhooks"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret_enc: Mapped[str] = mapped_column(Text)  # Fernet of the whsec_ secret
+    watch_id: Mapped[str | None] = mapped_column(ForeignKey("watches.id", ondelete="SET NULL"), nullable=True)
+    announced: Mapped[bool] = mapped_column(Boolean, default=False, index=True)  # its message exists
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookMessage(Base):
+    """One event to one URL (Standard Webhooks: ``webhook-id`` is this id, the same on every attempt)."""
+
+    __tablename__ = "webhook_messages"
+    __table_args__ = (UniqueConstraint("job_id", "event_type", name="uq_webhook_messages_job_event"),
+                      Index("ix_webhook_messages_status_next", "status", "next_attempt_at"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msg_<32 hex>
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled
+    url: Mapped[str] = mapped_column(Text)
+    secret_enc: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)  # the exact body that is signed and sent
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One HTTP attempt of a message."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("webhook_messages.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)

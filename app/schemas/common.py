@@ -25,4 +25,33 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         429: "Rate or concurrency limit reached; retry after the Retry-After header's seconds",
         503: "A dependency (database, broker or the Hub) is unreachable; retry later",
     }
-    return {c: {"model": ErrorOut, "description": text.get(c, "Error")} for c in codes}
+    # Errors are JSON even on routes whose success is another media type (the SSE stream, file downloads).
+    json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+    return {c: {"model": ErrorOut, "description": text.get(c, "Error"), "content": json_body} for c in codes}
+
+
+def document_errors(app: Any) -> None:
+    """Make the OpenAPI document say what the app's handlers really answer on every ``/v1`` route: a 422 is always
+    ``ErrorOut`` (not FastAPI's default HTTPValidationError), and 503 (database unavailable) can happen anywhere."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        ref = {"$ref": "#/components/schemas/ErrorOut"}
+        for path, ops in schema.get("paths", {}).items():
+            if not path.startswith("/v1/"):
+                continue
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                for code in ("422", "503"):
+                    if code == "422" and code not in responses:
+                        continue
+                    desc = responses.get(code, {}).get("description") or error_responses(int(code))[int(code)][
+                        "description"]
+                    responses[code] = {"description": desc, "content": {"application/json": {"schema": ref}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

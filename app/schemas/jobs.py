@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from app.schemas.webhooks import WebhookIn
 from mopeq_core.config import ALLOCATORS, FORMATS, QUANTIZERS, SENSITIVITY_METHODS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -72,6 +73,8 @@ class JobCreate(Strict):
     hf_token: SecretStr | None = Field(None, max_length=1000, json_schema_extra={"writeOnly": True},
                                        description="Write-only Hub token for this job (download and push); "
                                                    "never returned, logged or stored in plain text")
+    webhook: WebhookIn | None = Field(None, description="Announce the job's end to this URL (Standard Webhooks "
+                                                        "signature with the secret, retried with backoff)")
 
 
 class BudgetOut(BaseModel):

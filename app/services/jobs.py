@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.core.security import Keyring
-from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, utcnow
+from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, JobWebhook, utcnow
 from app.schemas.jobs import (
     BudgetOut,
     CalibrationIn,
@@ -62,7 +63,8 @@ def job_out(job: Job) -> JobOut:
 
 
 def request_hash(body: JobCreate) -> str:
-    canonical = json.dumps(body.model_dump(mode="json", exclude={"hf_token"}), sort_keys=True, separators=(",", ":"))
+    exclude: dict[str, Any] = {"hf_token": True, "webhook": {"secret"}}  # secrets never enter the hash
+    canonical = json.dumps(body.model_dump(mode="json", exclude=exclude), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -118,7 +120,10 @@ def _replay(rec: IdempotencyRecord, rhash: str) -> Created:
 
 
 def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyring, who: Principal,
-               body: JobCreate, idem_key: str | None) -> Created:
+               body: JobCreate, idem_key: str | None,
+               on_insert: Callable[[Session, Job], None] | None = None) -> Created:
+    """``on_insert(db, job)`` adds rows in the job's own transaction (a watch's trigger row: its unique constraint
+    then rolls the job back too, and the IntegrityError propagates when there is no idempotency key)."""
     rhash = request_hash(body)
     if idem_key is not None:
         if not (1 <= len(idem_key) <= 200) or not idem_key.isprintable():
@@ -144,6 +149,11 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
     token = body.hf_token.get_secret_value() if body.hf_token else None
     if body.push is not None and not token:
         raise ServiceError(422, "invalid_input", "push needs an hf_token with write access to the target namespace")
+    hook = None
+    if body.webhook is not None:
+        from app.services.webhooks import prepare
+
+        hook = prepare(body.webhook, settings, keyring)
     ck = model_svc.inspect(ref, settings, revision=body.revision, token=token,
                            trust_remote_code=body.trust_remote_code)
     est = model_svc.estimate(ck, bits=list(cfg.bits), group_size=cfg.group_size, symmetric=cfg.symmetric)
@@ -172,6 +182,10 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
             db.add(job)
             db.flush()
             add_event(db, job.id, "status", status="queued", progress=0.0, message="job queued")
+            if hook is not None:
+                db.add(JobWebhook(job_id=job.id, url=hook.url, secret_enc=hook.secret_enc))
+            if on_insert is not None:
+                on_insert(db, job)
             out = job_out(job).model_dump(mode="json")
             if idem_key is not None:
                 db.add(IdempotencyRecord(api_key_id=who.key_id, key=idem_key, request_hash=rhash, job_id=job.id,

@@ -72,7 +72,7 @@ def test_no_torch_and_the_client_runs_on_httpx_typer_rich_alone(tmp_path) -> Non
     blocker = ("import sys\n"
                "class Block:\n"
                "    def find_spec(self, name, path=None, target=None):\n"
-               f"        if name.split('.')[0] in {BLOCKED!r}: raise ImportError('blocked: ' + name)\n"
+               f"        if name.split('.')[0] in {BLOCKED!r}: raise ModuleNotFoundError('blocked: ' + name, name=name)\n"
                "sys.meta_path.insert(0, Block())\n")
     (tmp_path / "sitecustomize.py").write_text(blocker)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "MOPEQ_MAX_RETRIES": "0"}

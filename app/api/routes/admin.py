@@ -20,7 +20,8 @@ def _out(k: ApiKey) -> KeyOut:
                   max_concurrent_jobs=k.max_concurrent_jobs, created_at=k.created_at, revoked_at=k.revoked_at)
 
 
-@router.post("/keys", status_code=201, response_model=KeyCreated, responses=error_responses(401, 403, 422, 429))
+@router.post("/keys", status_code=201, response_model=KeyCreated,
+             responses=error_responses(400, 401, 403, 413, 422, 429))
 def new_key(body: KeyCreate, who: AdminPrincipal, factory: Factory, keyring: KeyringDep) -> KeyCreated:
     row, secret = create_key(factory, keyring, name=body.name, scope=body.scope,
                              rate_limit_per_minute=body.rate_limit_per_minute,
