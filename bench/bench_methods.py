@@ -63,7 +63,9 @@ def main() -> None:
     snap = WeightSnapshot(groups)
     rows = [f"| full precision | – | – | – | {fp_ppl:.3f} | – |"]
     print(f"# shipped model {args.model}: fp ppl {fp_ppl:.3f}; calibration {t_cal:.1f}s; "
-          + ", ".join(f"{m} {s:.1f}s" for m, s in seconds.items()), flush=True)
+          + ", ".join(f"{m} {s:.1f}s" for m, s in seconds.items())
+          + f"; hutchinson probes {scores['hutchinson'].probes}, median relative std error "
+            f"{scores['hutchinson'].rel_std_err_median:.4f}", flush=True)
     for quantizer in ("rtn", "gptq"):
         qs = QuantSettings(quantizer=quantizer, group_size=args.group_size)
         t0 = time.perf_counter()
