@@ -96,7 +96,8 @@ def run_service(args) -> int:
         console.print(f"size: {bitmap['total_bytes']:,} B (experts {bitmap['expert_bytes']:,} B, "
                       f"mean {bitmap['avg_bits']:.3f} bits)")
         arts = client.artifacts(job.id)
-        where = {str(Path(a.uri).parent) for a in arts if getattr(a, "uri", None)}
+        where = {str(Path(a.uri.removeprefix("file://").removeprefix("file:")).parent) for a in arts
+                 if getattr(a, "uri", None) and a.kind == "file"}
         console.print(f"artifact: {len(arts)} files in {', '.join(sorted(where)) or home / 'artifacts'}")
         console.print(f"download: mopeq download {job.id} DEST --url http://127.0.0.1:{port} --api-key …")
         if args.keep_running:

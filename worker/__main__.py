@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
             "--without-gossip", "--without-heartbeat", f"--hostname=mopeq-{os.getpid()}@{socket.gethostname()}",
             f"--loglevel={os.environ.get('MOPEQ_LOG_LEVEL', 'INFO')}"]
     if os.environ.get("MOPEQ_LOG_LEVEL", "INFO").upper() in ("WARNING", "ERROR", "CRITICAL"):
-        args.append("--quiet")  # no start-up banner when only warnings are wanted (e.g. make demo)
+        args.insert(0, "--quiet")  # a global celery option: no start-up banner when only warnings are wanted
     celery_app.worker_main(args + list(sys.argv[1:] if argv is None else argv))
 
 

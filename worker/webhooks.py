@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             f"--queues={s.WEBHOOK_QUEUE}", "--without-mingle", "--without-gossip", "--without-heartbeat",
             f"--hostname=mopeq-webhooks-{os.getpid()}@{socket.gethostname()}",
             f"--loglevel={os.environ.get('MOPEQ_LOG_LEVEL', 'INFO')}"]
+    if os.environ.get("MOPEQ_LOG_LEVEL", "INFO").upper() in ("WARNING", "ERROR", "CRITICAL"):
+        args.insert(0, "--quiet")  # a global celery option: no start-up banner when only warnings are wanted
     webhook_app.worker_main(args + list(sys.argv[1:] if argv is None else argv))
 
 
