@@ -702,6 +702,18 @@ def _dest_plan(dest: str | os.PathLike[str], name: str | None) -> tuple[Path, Pa
 
 
 # ---- sync client --------------------------------------------------------------------------------------------------------
+
+def _stream_broken(job_id: str, dec, exc: Exception | None) -> StreamError:
+    """The error for an event stream that ended without its end event (cut off, or closed by the server)."""
+    if exc is None:
+        err = StreamError(f"event stream of job {job_id} closed before its end event")
+    else:
+        err = StreamError(f"event stream of job {job_id} cut off after event {dec.last_event_id}: "
+                          f"{type(exc).__name__}")
+    err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
+    err.timed_out = isinstance(exc, httpx.ReadTimeout)  # type: ignore[attr-defined]
+    return err
+
 class MopeqClient(_Base):
     """Synchronous client. Use as a context manager or call :meth:`close`."""
 
@@ -902,15 +914,8 @@ class MopeqClient(_Base):
                     if ev.event == "end":
                         return
             except httpx.TransportError as exc:
-                err = StreamError(f"event stream of job {job_id} cut off after event {dec.last_event_id}: "
-                                  f"{type(exc).__name__}")
-                err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
-                err.timed_out = isinstance(exc, httpx.ReadTimeout)  # type: ignore[attr-defined]
-                raise err from exc
-            err = StreamError(f"event stream of job {job_id} closed before its end event")
-            err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
-            err.timed_out = False  # type: ignore[attr-defined]
-            raise err
+                raise _stream_broken(job_id, dec, exc) from exc
+            raise _stream_broken(job_id, dec, None)
         finally:
             resp.close()
 
@@ -1159,15 +1164,8 @@ class AsyncMopeqClient(_Base):
                     if ev.event == "end":
                         return
             except httpx.TransportError as exc:
-                err = StreamError(f"event stream of job {job_id} cut off after event {dec.last_event_id}: "
-                                  f"{type(exc).__name__}")
-                err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
-                err.timed_out = isinstance(exc, httpx.ReadTimeout)  # type: ignore[attr-defined]
-                raise err from exc
-            err = StreamError(f"event stream of job {job_id} closed before its end event")
-            err.last_event_id = dec.last_event_id  # type: ignore[attr-defined]
-            err.timed_out = False  # type: ignore[attr-defined]
-            raise err
+                raise _stream_broken(job_id, dec, exc) from exc
+            raise _stream_broken(job_id, dec, None)
         finally:
             await resp.aclose()
 
