@@ -9,7 +9,6 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -55,8 +54,8 @@ def bitmap_table(bitmap: dict, title: str | None = None) -> Table:
 def quantize(
     model: str = typer.Argument(..., help="Local model directory or Hub repo id"),
     out: Path = typer.Option(..., "--out", help="Output directory"),
-    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="Mean bits per expert weight"),
-    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="Whole-model size budget in GB (1e9 B)"),
+    avg_bits: float | None = typer.Option(None, "--avg-bits", help="Mean bits per expert weight"),
+    budget_gb: float | None = typer.Option(None, "--budget-gb", help="Whole-model size budget in GB (1e9 B)"),
     bits: str = typer.Option("2,3,4", "--bits"),
     sensitivity: str = typer.Option("auto", "--sensitivity"),
     allocator: str = typer.Option("knapsack", "--allocator"),
@@ -68,20 +67,20 @@ def quantize(
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ columns in decreasing Hessian order"),
     probes: int = typer.Option(64, "--probes", help="Maximum Hutchinson probes"),
     probe_tol: float = typer.Option(0.02, "--probe-tol", help="Stop probing at this median relative std error"),
-    calib_file: Optional[Path] = typer.Option(None, "--calib-file"),
+    calib_file: Path | None = typer.Option(None, "--calib-file"),
     calib_samples: int = typer.Option(32, "--calib-samples"),
     seq_len: int = typer.Option(256, "--seq-len"),
     calib_all_experts: bool = typer.Option(False, "--calib-all-experts",
                                            help="Every token through every expert for statistics"),
-    eval_file: Optional[Path] = typer.Option(None, "--eval-file"),
+    eval_file: Path | None = typer.Option(None, "--eval-file"),
     eval_samples: int = typer.Option(64, "--eval-samples"),
-    eval_suite: Optional[list[str]] = typer.Option(
+    eval_suite: list[str] | None = typer.Option(
         None, "--eval-suite", help="Evaluation suite run before and after, e.g. lm-eval:TASK (repeatable)"),
-    eval_suite_include: Optional[Path] = typer.Option(None, "--eval-suite-include",
+    eval_suite_include: Path | None = typer.Option(None, "--eval-suite-include",
                                                       help="Folder of custom task YAMLs"),
-    eval_suite_limit: Optional[int] = typer.Option(None, "--eval-suite-limit", help="Examples per task"),
+    eval_suite_limit: int | None = typer.Option(None, "--eval-suite-limit", help="Examples per task"),
     device: str = typer.Option("cpu", "--device"),
-    revision: Optional[str] = typer.Option(None, "--revision"),
+    revision: str | None = typer.Option(None, "--revision"),
     low_memory: bool = typer.Option(False, "--low-memory"),
     fmt: str = typer.Option("mopeq", "--format"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),

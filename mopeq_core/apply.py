@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .calibrate import CalibrationStats
 from .moe import ExpertGroup
 from .quantize import QUANTIZERS, QuantizedMatrix, QuantSpec, quantization_error

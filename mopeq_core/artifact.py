@@ -39,21 +39,44 @@ def checkpoint_dtype(config) -> torch.dtype:
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
 
 
-def non_expert_state(model, groups: list[ExpertGroup]) -> dict[str, torch.Tensor]:
-    """Every tensor of the state dict that is not a routed expert weight; tied duplicates dropped."""
+def iter_non_expert_tensors(model, groups: list[ExpertGroup]):
+    """(name, tensor) for every state-dict tensor that is not a routed expert weight, tied duplicates once
+    (e.g. lm_head = embed_tokens; the loader re-ties them from the config). Nothing is copied."""
     skip = expert_param_names(model, groups)
-    dtype = checkpoint_dtype(model.config)
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
         if name in skip:
             continue
-        key = (t.data_ptr(), t.shape) if t.device.type != "meta" else None
+        key = (t.data_ptr(), tuple(t.shape)) if t.device.type != "meta" else name
         if key in seen:
-            continue  # tied weight (e.g. lm_head = embed_tokens); the loader re-ties from config
+            continue
         seen.add(key)
+        yield name, t
+
+
+def non_expert_state(model, groups: list[ExpertGroup]) -> dict[str, torch.Tensor]:
+    """The non-expert tensors as stored in the artifact: on CPU, floating ones at the checkpoint dtype."""
+    dtype = checkpoint_dtype(model.config)
+    out = {}
+    for name, t in iter_non_expert_tensors(model, groups):
         t = t.detach().to("cpu")
         out[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     return out
+
+
+def write_config(out_dir: Path, model, quant_config: dict) -> list[Path]:
+    """config.json with ``quantization_config``, and generation_config.json when the model has one."""
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = quant_config
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    files = [out_dir / "config.json"]
+    if getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config.save_pretrained(out_dir)
+            files.append(out_dir / "generation_config.json")
+        except (ValueError, OSError):
+            pass
+    return files
 
 
 def quantization_config(groups: list[ExpertGroup], bits: dict[tuple[int, int], int], group_size: int,
@@ -99,16 +122,7 @@ def write_mopeq_artifact(out_dir: Path, model, groups: list[ExpertGroup],
     index = {"metadata": {"format": "mopeq", "format_version": FORMAT_VERSION}, "weight_map": weight_map}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=1))
     files.append(out_dir / INDEX_NAME)
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = quantization_config(groups, bits, group_size, symmetric, quantizer)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    files.append(out_dir / "config.json")
-    if getattr(model, "generation_config", None) is not None:
-        try:
-            model.generation_config.save_pretrained(out_dir)
-            files.append(out_dir / "generation_config.json")
-        except (ValueError, OSError):
-            pass
+    files += write_config(out_dir, model, quantization_config(groups, bits, group_size, symmetric, quantizer))
     return files
 
 
@@ -120,7 +134,7 @@ def expert_tensor_bytes(out_dir: Path) -> int:
     total = 0
     for name in sorted(set(index["weight_map"].values())):
         with safe_open(str(out_dir / name), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __contains__/__iter__)
                 if key.endswith((".qweight", ".scales", ".qzeros")):
                     sl = f.get_slice(key)
                     shape = sl.get_shape()

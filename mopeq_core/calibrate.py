@@ -49,7 +49,7 @@ class CalibrationStats:
         return out
 
     @classmethod
-    def from_state(cls, st: dict[str, torch.Tensor], mode: str = "routed") -> "CalibrationStats":
+    def from_state(cls, st: dict[str, torch.Tensor], mode: str = "routed") -> CalibrationStats:
         counts, sq, hs, topk, fb = {}, {}, {}, {}, {}
         for k, v in st.items():
             parts = k.split(".")

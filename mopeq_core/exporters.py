@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .artifact import write_config
 from .errors import ExportError
 from .moe import ExpertGroup
 from .quantize import QuantizedMatrix
@@ -262,18 +263,6 @@ def _loaded_non_expert_linears(model, groups: list[ExpertGroup]) -> list[str]:
     return names
 
 
-def _write_config(out_dir: Path, model, quantization_config: dict) -> list[Path]:
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = quantization_config
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    files = [out_dir / "config.json"]
-    if getattr(model, "generation_config", None) is not None:
-        try:
-            model.generation_config.save_pretrained(out_dir)
-            files.append(out_dir / "generation_config.json")
-        except (ValueError, OSError):
-            pass
-    return files
 
 
 class _ShardWriter:
@@ -399,7 +388,7 @@ def write_compressed_tensors(out_dir: Path, model, groups: list[ExpertGroup], ch
                             ignore=sorted(ignore_names - set(expert_modules)))
     qdict = qc.model_dump()
     qdict["version"] = compressed_tensors.__version__
-    files += _write_config(out_dir, model, qdict)
+    files += write_config(out_dir, model, qdict)
     return files
 
 
@@ -571,7 +560,7 @@ def export_gptq(out_dir: Path, model, groups, chosen, bits, cfg) -> list[Path]:
         "dynamic": dynamic,
         "meta": {"quantizer": [f"mopeq:{__version__}"], "mopeq_quantizer": cfg.quantizer},
     }
-    files += _write_config(out_dir, model, qc)
+    files += write_config(out_dir, model, qc)
     (out_dir / "quantize_config.json").write_text(json.dumps(qc, indent=2))  # what AutoGPTQ/GPTQModel look for
     files.append(out_dir / "quantize_config.json")
     return files

@@ -14,8 +14,8 @@ Shared experts and dense MLPs are not routed experts and stay out of the bit map
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -195,8 +195,8 @@ def find_expert_groups(model: nn.Module) -> list[ExpertGroup]:
                 if g is not None:
                     groups.append(g)
             continue
-        if hasattr(module, "down_proj") and isinstance(getattr(module, "down_proj"), nn.Parameter) \
-                and getattr(module, "down_proj").dim() == 3:
+        if hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter) \
+                and module.down_proj.dim() == 3:
             groups.append(_fused_group(path, module, len(groups)))
     if not groups:
         raise NotMoEError(

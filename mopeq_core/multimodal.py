@@ -211,18 +211,10 @@ def component_bytes(model, groups, elem_bytes: int | None = None) -> dict[str, i
     """Bytes of the full-precision parts, by component: vision tower + projector, routers, other language-model
     weights (attention, norms, embeddings, dense and shared MLPs). Routed experts are left out (they are what the
     bit map sizes). ``elem_bytes``: bytes per floating element at the checkpoint dtype (default: as held)."""
-    from .moe import expert_param_names
+    from .artifact import iter_non_expert_tensors
 
-    skip = expert_param_names(model, groups)
     out = {"vision": 0, "router": 0, "language": 0}
-    seen = set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name in skip:
-            continue
-        key = (t.data_ptr(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
+    for name, t in iter_non_expert_tensors(model, groups):
         n = t.numel() * (elem_bytes if (elem_bytes and t.is_floating_point()) else t.element_size())
         parts = name.split(".")
         if is_vision_name(name):

@@ -126,10 +126,15 @@ def run_quantization(cfg, out_dir, *, state_dir=None, on_event: EventHook | None
 
     from . import __version__
     from .allocate import ExpertItem, allocate, budget_for_avg_bits
-    from .apply import QuantSettings, WeightSnapshot, apply_fake_quant, build_candidates, expert_cost, \
-        quantize_expert
-    from .artifact import build_bitmap, checkpoint_dtype, matrices_for_layer, \
-        write_mopeq_artifact
+    from .apply import (
+        QuantSettings,
+        WeightSnapshot,
+        apply_fake_quant,
+        build_candidates,
+        expert_cost,
+        quantize_expert,
+    )
+    from .artifact import build_bitmap, checkpoint_dtype, matrices_for_layer, write_mopeq_artifact
     from .calibrate import CalibrationStats, calibrate
     from .data import SampleSet, load_samples, num_targets, num_tokens, split_holdout
     from .errors import InfeasibleBudgetError
@@ -403,17 +408,9 @@ def _jsonable(d: Any) -> Any:
 
 def non_expert_state_shapes(model, groups):
     """Non-expert tensors (tied duplicates once), without copying them."""
-    from .moe import expert_param_names
+    from .artifact import iter_non_expert_tensors
 
-    skip = expert_param_names(model, groups)
-    seen = set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name in skip:
-            continue
-        key = (t.data_ptr(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
+    for _, t in iter_non_expert_tensors(model, groups):
         yield t
 
 

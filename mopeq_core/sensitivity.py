@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -38,7 +38,7 @@ class SensitivityResult:
                 "probes": self.probes, "rel_std_err_median": self.rel_std_err_median, "details": self.details}
 
     @classmethod
-    def from_json(cls, d: dict) -> "SensitivityResult":
+    def from_json(cls, d: dict) -> SensitivityResult:
         return cls(d["method"], {int(k): v for k, v in d["scores"].items()}, d.get("probes"),
                    d.get("rel_std_err_median"), d.get("details", {}))
 
@@ -228,7 +228,7 @@ def _median_rel_err(samples: dict[int, list[torch.Tensor]]) -> float:
         k = x.shape[0]
         mean = x.mean(0)
         se = x.std(0, unbiased=True) / math.sqrt(k)
-        rels.append((se / mean.abs().clamp(min=1e-30)))
+        rels.append(se / mean.abs().clamp(min=1e-30))
     return float(torch.cat(rels).median())
 
 

@@ -22,7 +22,6 @@ import tiny_models as tm
 
 from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.errors import (
-    ArtifactError,
     ModelNotFoundError,
     NotMoEError,
     RemoteCodeRequiredError,

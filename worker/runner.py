@@ -220,12 +220,15 @@ class JobRun:
                 raise CancelledError("cancelled before start")
             cfg = self._config(job)
             self._check_disk(job)
-            from mopeq_core import pipeline
+            if cfg.low_memory:  # layer by layer, for checkpoints larger than the worker's memory
+                from mopeq_core.lowmem import run_low_memory as run
+            else:
+                from mopeq_core.pipeline import run_quantization as run
 
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            result = pipeline.run_quantization(cfg, self.out_dir, state_dir=self.state_dir, on_event=self.on_event,
-                                               should_cancel=self.should_cancel)
+            result = run(cfg, self.out_dir, state_dir=self.state_dir, on_event=self.on_event,
+                         should_cancel=self.should_cancel)
             self._check_quota_after_export()
             self._close_stage()
             self._record_results(job, result)
