@@ -59,7 +59,6 @@ import logging
 import math
 import os
 import re
-import resource
 import shutil
 import threading
 import time
@@ -71,7 +70,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .pipeline import STAGES, ProgressEvent, RunResult, _fingerprint, _jsonable, _Progress, _StageState
+from .pipeline import (
+    STAGES,
+    ProgressEvent,
+    RunResult,
+    _fingerprint,
+    _jsonable,
+    _peak_rss_mb,
+    _Progress,
+    _StageState,
+)
 
 __all__ = [
     "STAGES",
@@ -446,17 +454,7 @@ def _release_freed_memory() -> None:
 _LIBC = None
 
 
-def _rss_mb() -> float:
-    """Peak RSS of this process so far, in MiB: VmHWM (``ru_maxrss`` would include the peak of the process this
-    one was exec'd from, e.g. a big parent that spawned the worker)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+_rss_mb = _peak_rss_mb  # one definition of peak RSS (pipeline.py)
 
 
 def _current_rss_mb() -> float:

@@ -110,6 +110,15 @@ class _Progress:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM where Linux has it: ru_maxrss of a forked child also counts
+    the parent's peak from before the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
