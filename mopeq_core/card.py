@@ -416,8 +416,10 @@ def build_card(out_dir: Path, bitmap: dict, report: dict, heatmap: str | None = 
         extras.append(f"{sens_desc['calib_tokens']:,} calibration tokens")
     if extras:
         s_line += " (" + ", ".join(extras) + ")"
-    if cfg.get("sensitivity") == "auto":
+    if sens_desc.get("selected_by") == "auto":
         s_line += "; chosen automatically by the lowest hold-out loss among the candidates below"
+    elif sens_desc.get("requested") and sens_desc["requested"] != sens_desc.get("method"):
+        s_line += f" (the low-memory pipeline's layer-local score, in place of the requested {sens_desc['requested']})"
     lines.append(s_line)
     cand = report.get("candidate_holdout_loss") or sens_desc.get("candidate_holdout_loss") or {}
     if cand:
