@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo serve worker lint bench clean
+.PHONY: setup test demo serve worker lint bench clean reliability soak audit
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -22,6 +22,20 @@ test: $(STAMP)
 
 worker: $(STAMP)
 	$(VPY) -m worker
+
+# Faults, fuzzing and the security review (docs/RELIABILITY.md); `make test` runs the same directory without the
+# tests marked slow, this runs all of them.
+reliability: $(STAMP)
+	OMP_NUM_THREADS=1 $(VPY) -m pytest tests/reliability -q $(PYTEST_ARGS)
+
+# Many small jobs through two workers with random faults (bounded: jobs, faults, deadline); prints the counts.
+SOAK_ARGS ?= --jobs 40 --faults 12 --deadline 900 --seed 1
+soak: $(STAMP)
+	OMP_NUM_THREADS=1 $(VPY) scripts/soak.py $(SOAK_ARGS)
+
+# Known vulnerabilities in the installed dependencies (needs the vulnerability database on the network).
+audit: $(STAMP)
+	$(VPY) -m pip_audit --skip-editable --progress-spinner off
 
 demo: $(STAMP)
 	$(VPY) scripts/demo.py

@@ -1,8 +1,21 @@
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, SecretStr
+
+TOKEN_PATTERN = r"^[!-~]+$"  # printable ASCII, no spaces: what a Hub access token is (and what an HTTP header holds)
+
+
+def _hub_token(v: SecretStr) -> SecretStr:
+    if not re.fullmatch(TOKEN_PATTERN, v.get_secret_value()):
+        raise ValueError("must be a Hugging Face access token: printable ASCII without spaces")
+    return v
+
+
+# A write-only Hub token field: ``hf_token: HubToken | None = Field(None, max_length=1000, json_schema_extra=...)``
+HubToken = Annotated[SecretStr, AfterValidator(_hub_token)]
 
 
 class ErrorOut(BaseModel):

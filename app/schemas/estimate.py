@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 
+from app.schemas.common import TOKEN_PATTERN, HubToken
 from app.schemas.jobs import REVISION_PATTERN, BudgetIn, Strict
 
 
@@ -15,7 +16,8 @@ class EstimateIn(Strict):
     symmetric: bool = True
     budget: BudgetIn | None = Field(None, description="When given, the answer says whether it is feasible")
     trust_remote_code: bool = False
-    hf_token: SecretStr | None = Field(None, max_length=1000, json_schema_extra={"writeOnly": True})
+    hf_token: HubToken | None = Field(None, max_length=1000,
+                                      json_schema_extra={"writeOnly": True, "pattern": TOKEN_PATTERN})
 
 
 class MoELayerOut(BaseModel):

@@ -3,8 +3,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.schemas.common import TOKEN_PATTERN, HubToken
 from app.schemas.webhooks import WebhookIn
 from mopeq_core.config import ALLOCATORS, FORMATS, QUANTIZERS, SENSITIVITY_METHODS
 
@@ -70,7 +71,8 @@ class JobCreate(Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     trust_remote_code: bool = Field(False, description="Run the repo's own code; only for repos the operator allows")
     push: PushIn | None = None
-    hf_token: SecretStr | None = Field(None, max_length=1000, json_schema_extra={"writeOnly": True},
+    hf_token: HubToken | None = Field(None, max_length=1000,
+                                      json_schema_extra={"writeOnly": True, "pattern": TOKEN_PATTERN},
                                        description="Write-only Hub token for this job (download and push); "
                                                    "never returned, logged or stored in plain text")
     webhook: WebhookIn | None = Field(None, description="Announce the job's end to this URL (Standard Webhooks "

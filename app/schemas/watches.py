@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, create_model
+from pydantic import BaseModel, Field, create_model
 
+from app.schemas.common import TOKEN_PATTERN, HubToken
 from app.schemas.jobs import JobCreate, Strict
 from app.schemas.webhooks import WebhookIn, WebhookOut
 
@@ -32,7 +33,8 @@ class WatchCreate(Strict):
                                                 "{bits}, {sha}, {short_sha}: e.g. '{owner}/{name}-MoPEQ-{bits}b'. "
                                                 "Needs hf_token. Unset: no push")
     private: bool = Field(True, description="Create pushed repos as private")
-    hf_token: SecretStr | None = Field(None, max_length=1000, json_schema_extra={"writeOnly": True},
+    hf_token: HubToken | None = Field(None, max_length=1000,
+                                      json_schema_extra={"writeOnly": True, "pattern": TOKEN_PATTERN},
                                        description="Write-only Hub token for the watch's jobs (gated/private source "
                                                    "repos, push); stored encrypted, never returned")
     webhook: WebhookIn | None = Field(None, description="Announce the end of each of the watch's jobs here")
