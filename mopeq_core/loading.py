@@ -204,13 +204,27 @@ def load_model(path: Path, *, device: str = "cpu", dtype=None, trust_remote_code
     dtype = dtype or torch.float32
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = auto_model_class(config).from_pretrained(
+        model, info = auto_model_class(config).from_pretrained(
             path, config=config, dtype=dtype, attn_implementation="eager", experts_implementation="eager",
-            trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
+            trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle, output_loading_info=True)
     except (ValueError, KeyError) as exc:
         if "Unrecognized" in str(exc) or "does not recognize" in str(exc):
             raise UnsupportedArchitectureError(f"transformers cannot build a causal LM from {path}: {exc}") from exc
         raise UserInputError(f"could not load the model from {path}: {exc}") from exc
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise ModelNotFoundError(f"{path}: the checkpoint does not match its config.json (weights with another "
+                                 f"shape than the config implies): {str(exc)[:300]}") from exc
+    # transformers initialises weights the checkpoint lacks at random and only warns: quantizing such a model
+    # would measure and ship noise. A config that disagrees with its weights (e.g. more experts) is refused.
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        what = missing[:4] or [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in mismatched[:4]]
+        raise ModelNotFoundError(
+            f"{path}: the checkpoint does not match its config.json ({len(missing)} weights missing, "
+            f"{len(mismatched)} with another shape, e.g. {what}); fix the config or the weights")
     model.to(device)
     model.eval()
     return model

@@ -173,6 +173,15 @@ def test_unknown_model_type(copy_of, no_hub):
         resolve_model(str(src))
 
 
+def test_config_that_disagrees_with_its_weights_is_refused(copy_of, no_hub):
+    # transformers would initialise the missing experts at random and only warn; we refuse instead.
+    src = copy_of()
+    n = json.loads((src / "config.json").read_text())["num_local_experts"]
+    _edit_config(src, num_local_experts=2 * n)
+    with pytest.raises(ModelNotFoundError, match="does not match its config.json"):
+        load_model(src)
+
+
 def test_missing_model_type(copy_of, no_hub):
     src = copy_of()
     _edit_config(src, model_type=None)
