@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +245,7 @@ def _ll_result(ll: float, greedy: bool):
 
 
 def _lmms_class():
+    import torch  # here, not at module level: the service validates suite specs without torch
     from lmms_eval.api.model import lmms
 
     from .multimodal import format_prompt

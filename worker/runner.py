@@ -337,7 +337,9 @@ class JobRun:
             granularity=job.granularity, quantizer=job.quantizer, group_size=job.group_size,
             symmetric=job.symmetric, act_order=bool(opts.get("act_order", False)), probes=job.probes,
             calib_file=job.calib_file, calib_samples=job.calib_samples, seq_len=job.seq_len,
-            eval_file=job.eval_file, eval_samples=job.eval_samples, device=self._device(),
+            eval_file=job.eval_file, eval_samples=job.eval_samples,
+            eval_suites=tuple(opts.get("eval_suites") or ()), eval_suite_limit=opts.get("eval_suite_limit"),
+            device=self._device(),
             low_memory=bool(opts.get("low_memory", False)), format=job.format,
             trust_remote_code=job.trust_remote_code, allow_pickle=self.s.ALLOW_PICKLE,
             seed=int(opts.get("seed", 0)), token=self.token)

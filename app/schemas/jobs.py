@@ -41,6 +41,10 @@ class CalibrationIn(Strict):
 class EvaluationIn(Strict):
     file: str | None = Field(None, max_length=1000)
     samples: int = Field(64, ge=1, le=100_000)
+    suites: list[str] = Field(default_factory=list, max_length=8,
+                              description='Evaluation suites run before and after, e.g. "lm-eval:TASK[,TASK]" or '
+                                          '"lmms-eval:TASK"; the built-in local tasks need `file`')
+    suite_limit: int | None = Field(None, ge=1, le=100_000, description="Examples per suite task")
 
 
 class PushIn(Strict):

@@ -54,7 +54,10 @@ def job_out(job: Job) -> JobOut:
         sensitivity=job.sensitivity, allocator=job.allocator, scope=job.scope, granularity=job.granularity,
         quantizer=job.quantizer, group_size=job.group_size, symmetric=job.symmetric, probes=job.probes,
         calibration=CalibrationIn(file=job.calib_file, samples=job.calib_samples, seq_len=job.seq_len),
-        evaluation=EvaluationIn(file=job.eval_file, samples=job.eval_samples) if job.eval_file else None,
+        evaluation=EvaluationIn(file=job.eval_file, samples=job.eval_samples,
+                                suites=list((job.options or {}).get("eval_suites") or []),
+                                suite_limit=(job.options or {}).get("eval_suite_limit"))
+        if job.eval_file or (job.options or {}).get("eval_suites") else None,
         format=job.format, trust_remote_code=job.trust_remote_code,
         push=PushOut(repo_id=job.push_repo_id, private=job.push_private) if job.push_requested else None,
         cancel_requested=job.cancel_requested, attempts=job.attempts, error=job.error, error_code=job.error_code,
@@ -79,7 +82,9 @@ def quantize_config(body: JobCreate) -> QuantizeConfig:
             act_order=body.act_order, probes=body.probes, calib_file=body.calibration.file,
             calib_samples=body.calibration.samples, seq_len=body.calibration.seq_len,
             eval_file=body.evaluation.file if body.evaluation else None,
-            eval_samples=body.evaluation.samples if body.evaluation else 64, format=body.format,
+            eval_samples=body.evaluation.samples if body.evaluation else 64,
+            eval_suites=tuple(body.evaluation.suites) if body.evaluation else (),
+            eval_suite_limit=body.evaluation.suite_limit if body.evaluation else None, format=body.format,
             low_memory=body.low_memory, seed=body.seed, trust_remote_code=body.trust_remote_code)
         cfg.validate()
     except UserInputError as exc:
@@ -171,7 +176,8 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         quantizer=cfg.quantizer, group_size=cfg.group_size, symmetric=cfg.symmetric, probes=cfg.probes,
         calib_file=calib, calib_samples=cfg.calib_samples, seq_len=cfg.seq_len, eval_file=eval_file,
         eval_samples=cfg.eval_samples, format=cfg.format, trust_remote_code=cfg.trust_remote_code,
-        options={"act_order": cfg.act_order, "low_memory": cfg.low_memory, "seed": cfg.seed},
+        options={"act_order": cfg.act_order, "low_memory": cfg.low_memory, "seed": cfg.seed,
+                 "eval_suites": list(cfg.eval_suites), "eval_suite_limit": cfg.eval_suite_limit},
         push_requested=body.push is not None, push_repo_id=body.push.repo_id if body.push else None,
         push_private=body.push.private if body.push else False,
         hf_token_enc=keyring.encrypt(token) if token else None,

@@ -238,6 +238,18 @@ def test_cancel_queued_job(api: Api) -> None:
     assert api.c.get(f"/v1/jobs/{job_id}/bitmap", headers=auth()).status_code == 409
 
 
+def test_evaluation_suites_are_validated_recorded_and_echoed(api: Api) -> None:
+    before = api.count_jobs()
+    r = api.submit(evaluation={"suites": ["nonsense"]})
+    assert r.status_code == 422 and "HARNESS:TASK" in r.json()["detail"]
+    assert api.count_jobs() == before
+    r = api.submit(evaluation={"suites": ["lm-eval:mopeq_next_line"], "suite_limit": 4})
+    assert r.status_code == 202, r.text
+    ev = api.c.get(f"/v1/jobs/{r.json()['id']}", headers=auth()).json()["evaluation"]
+    assert ev["suites"] == ["lm-eval:mopeq_next_line"] and ev["suite_limit"] == 4
+    api.c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth())
+
+
 def test_token_is_write_only(api: Api) -> None:
     r = api.submit(hf_token=HF_TOKEN, push={"repo_id": "tester/out", "private": True})
     assert r.status_code == 202, r.text
