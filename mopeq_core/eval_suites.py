@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 log = logging.getLogger(__name__)
 
 HARNESSES = ("lm-eval", "lmms-eval")
