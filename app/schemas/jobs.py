@@ -15,7 +15,21 @@ REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95
 
 
 class Strict(BaseModel):
+    """Request bodies: unknown fields are refused, and so are JSON booleans where a number is expected
+    (pydantic would read ``true`` as 1)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(field.alias or name, data.get(name))
+                values = value if isinstance(value, list) else [value]
+                if any(isinstance(v, bool) for v in values) and "bool" not in repr(field.annotation):
+                    raise ValueError(f"{field.alias or name}: expected a number, got a boolean")
+        return data
 
 
 class BudgetIn(Strict):
