@@ -36,6 +36,15 @@ def _inside(p: Path, roots: list[Path]) -> bool:
 
 
 def resolve_local_path(value: str, settings: Settings, *, what: str = "model path") -> Path | None:
+    try:
+        return _resolve_local_path(value, settings, what=what)
+    except OSError as exc:  # e.g. ENAMETOOLONG from a name with hundreds of bytes in one component
+        raise ServiceError(422, "invalid_input", f"{what} '{value[:80]}…' is not a usable path "
+                           f"({exc.strerror or type(exc).__name__}); give a Hub repo id or a directory "
+                           "under the server's model roots") from exc
+
+
+def _resolve_local_path(value: str, settings: Settings, *, what: str = "model path") -> Path | None:
     """The resolved path if ``value`` names an existing file or directory inside a model root.
 
     Returns None when ``value`` does not name a local path at all (then it may be a Hub id). Raises a 422 when it

@@ -143,6 +143,8 @@ BAD_INPUTS = [
     ("dir symlink escape", {"model": "escape"}, 422, "path_not_allowed", "outside the server's allowed"),
     ("file symlink escape", {"model": "{root}/sneaky"}, 422, "invalid_input", "outside the allowed model roots"),
     ("missing local", {"model": "{root}/nothing-here"}, 422, "model_not_found", "does not exist"),
+    ("name too long for the filesystem", {"model": "\u00e4" * 200}, 422, "invalid_input", "not a usable path"),
+    ("boolean as a number", {"probes": True}, 422, "invalid_request", "got a boolean"),
     ("infeasible avg bits", {"budget": {"avg_bits": 1.5}}, 422, "infeasible_budget", "feasible range 2...4"),
     ("infeasible gb", {"budget": {"gb": 0.00001}}, 422, "infeasible_budget", "outside the feasible range"),
     ("two budgets", {"budget": {"avg_bits": 3, "gb": 1}}, 422, "invalid_request", "exactly one"),
