@@ -183,7 +183,7 @@ def test_push_and_the_token_appears_nowhere(server: Server, hub) -> None:
 def test_a_failed_push_is_retried(server: Server, hub) -> None:
     hub.fail_next = [503, 502]  # the Hub hiccups twice on repo creation
     job = server.submit(hf_token=HF_TOKEN, push={"repo_id": "tester/retried", "private": False})
-    done = wait_status(lambda: server.job(job["id"]), ("succeeded", "failed", "cancelled"))
+    done = wait_status(lambda: server.job(job["id"]), ("succeeded", "failed", "cancelled"), timeout=420)
     assert done["status"] == "succeeded" and done["attempts"] == 3, done
     assert "tester/retried" in hub.repos and not hub.fail_next
     msgs = [e["data"]["message"] for e in server.sse(job["id"]) if e["event"] == "status"]
