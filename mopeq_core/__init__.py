@@ -11,7 +11,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run_quantization": ("mopeq_core.pipeline", "run_quantization"),
+    "run": ("mopeq_core.engine", "run"),
+    "RunSummary": ("mopeq_core.engine", "RunSummary"),
     "load_quantized": ("mopeq_core.loader", "load_quantized"),
     "QuantizeConfig": ("mopeq_core.config", "QuantizeConfig"),
     "Budget": ("mopeq_core.config", "Budget"),

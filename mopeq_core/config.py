@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SENSITIVITY_METHODS = ("auto", "hutchinson", "fisher", "frequency", "input-hessian", "weight-norm")
+SENSITIVITY_METHODS = ("auto", "hutchinson", "fisher", "frequency", "input-hessian", "weight-norm", "layer-hessian")
+COSTS = ("output", "weight")
 ALLOCATORS = ("knapsack", "tiers")
 QUANTIZERS = ("rtn", "gptq")
 FORMATS = ("mopeq", "fake", "compressed-tensors", "gptq", "gguf-overrides")
@@ -31,11 +32,18 @@ class QuantizeConfig:
     budget: Budget = field(default_factory=lambda: Budget(avg_bits=3.0))
     revision: str | None = None
     bits: tuple[int, ...] = (2, 3, 4)
-    sensitivity: Literal["auto", "hutchinson", "fisher", "frequency", "input-hessian", "weight-norm"] = "auto"
+    sensitivity: Literal["auto", "hutchinson", "fisher", "frequency", "input-hessian", "weight-norm",
+                         "layer-hessian"] = "auto"
     allocator: Literal["knapsack", "tiers"] = "knapsack"
     scope: Literal["model", "layer"] = "model"
     granularity: Literal["expert", "layer"] = "expert"
     quantizer: Literal["rtn", "gptq"] = "gptq"
+    # The allocator's error per expert and width: "output" = in·tr(ΔW H ΔWᵀ)/tr(H) (what GPTQ minimises),
+    # "weight" = ‖ΔW‖² (see engine.output_error).
+    cost: Literal["output", "weight"] = "output"
+    # GPTQ each layer from the inputs the already-quantized earlier layers produce (False: from the
+    # full-precision calibration inputs, i.e. the allocator's candidates).
+    sequential: bool = True
     group_size: int = 128
     symmetric: bool = True
     act_order: bool = False
@@ -75,6 +83,8 @@ class QuantizeConfig:
             bad(f"--sensitivity must be one of {', '.join(SENSITIVITY_METHODS)}")
         if self.allocator not in ALLOCATORS:
             bad(f"--allocator must be one of {', '.join(ALLOCATORS)}")
+        if self.cost not in COSTS:
+            bad(f"--cost must be one of {', '.join(COSTS)}")
         if self.quantizer not in QUANTIZERS:
             bad(f"--quantizer must be one of {', '.join(QUANTIZERS)}")
         if self.scope not in ("model", "layer"):

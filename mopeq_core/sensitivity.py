@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ class SensitivityContext:
     model: torch.nn.Module
     groups: list[ExpertGroup]
     stats: CalibrationStats
-    samples: torch.Tensor  # calibration token windows (or an image+text data.SampleSet) for loss-based scores
+    samples: Any  # calibration token windows (or an image+text data.SampleSet) for loss-based scores
     probes: int = 64
     tol: float = 0.02
     min_probes: int = 8
@@ -56,6 +57,15 @@ class SensitivityContext:
     batch_size: int = 8
     should_stop: Callable[[], None] | None = None
     on_progress: Callable[[float], None] | None = None
+    probe_batch: int = 8  # probes carried together by one forward and one backward stream
+    # Set by the engine (built here from ``model`` when absent): the layer stream, the calibration batches as
+    # (key, model inputs with labels), each batch's cross-fitting fold, every layer's recorded inputs, and the
+    # layer-local scores the calibration stream already computed.
+    stream: Any = None
+    batches: list | None = None
+    folds: list[int] | None = None
+    inputs: Any = None
+    precomputed: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
 
 SENSITIVITY: dict[str, Callable[[SensitivityContext], SensitivityResult]] = {}
@@ -167,58 +177,148 @@ class _ExpertParams:
         return out
 
 
-class _RequiresGradOnly:
-    """Within the block, only the given parameters require grad (saves the graph for everything else)."""
-
-    def __init__(self, model, params):
-        self.model, self.params = model, params
-
-    def __enter__(self):
-        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for p in self.params:
-            p.requires_grad_(True)
-
-    def __exit__(self, *exc):
-        for p, r in self.saved:
-            p.requires_grad_(r)
-
-
 def _zeros_for_unused(grads, params) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def _batches(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [samples[i: i + batch_size] for i in range(0, samples.shape[0], batch_size)]
+# =====================================================================================================================
+# whole-model loss scores, streamed layer by layer
+# =====================================================================================================================
+def probe_vector(seed: int, probe: int, layer: int, index: int, like: torch.Tensor) -> torch.Tensor:
+    """Rademacher entries for one expert parameter of one probe. Drawn from (seed, probe, layer, parameter index)
+    alone, so a probe is the same vector whichever order the layers are visited in."""
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + probe) * 10_007 + layer) * 101 + index)
+    return (torch.randint(0, 2, like.shape, generator=gen) * 2 - 1).to(like.device, like.dtype)
 
 
-def hutchinson_probe(model, ep: _ExpertParams, batches: torch.Tensor | list,
-                     generator: torch.Generator, should_stop=None) -> dict[int, torch.Tensor]:
-    """One probe: draw Rademacher v over every expert parameter and return vᵀHv summed per expert.
+class _LayerParams:
+    """The expert parameters of one layer (empty for a dense layer), as autograd leaves for the block."""
 
-    H is the Hessian of the mean calibration loss over all ``batches``; Hv is accumulated batch by batch (one
-    double-backward per batch, so memory stays that of one batch) — mathematically one product per probe.
-    """
-    if isinstance(batches, torch.Tensor):
-        batches = [batches]
-    # Batches are token tensors or model-input dicts (image+text); each is weighted by its loss targets, which
-    # for equal-length token windows is the same weight as by tokens.
-    total = sum(_batch_targets(b) for b in batches)
-    vs = [(torch.randint(0, 2, p.shape, generator=generator, device="cpu").to(p.device, p.dtype) * 2 - 1)
-          for p in ep.params]
-    hvs = None
-    for batch in batches:
-        if should_stop is not None:  # a probe can take minutes on CPU: let a cancel land between batches
-            should_stop()
-        loss = lm_loss(model, batch) * (_batch_targets(batch) / total)
-        # allow_unused: a ModuleList expert that no token of this batch reached is not in the graph.
-        grads = _zeros_for_unused(torch.autograd.grad(loss, ep.params, create_graph=True, allow_unused=True),
-                                  ep.params)
-        gv = sum((g * v).sum() for g, v in zip(grads, vs))
-        part = _zeros_for_unused(torch.autograd.grad(gv, ep.params, allow_unused=True), ep.params)
-        hvs = list(part) if hvs is None else [a + b for a, b in zip(hvs, part)]
-    return ep.per_expert_sums([v * hv for v, hv in zip(vs, hvs)])
+    def __init__(self, group):
+        self.group = group
+        self.ep = _ExpertParams([group]) if group is not None else None
+        self.params = self.ep.params if self.ep is not None else []
+
+    def __enter__(self):
+        self.saved = [p.requires_grad for p in self.params]
+        for p in self.params:
+            p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for p, r in zip(self.params, self.saved):
+            p.requires_grad_(r)
+
+    def per_expert(self, products: list[torch.Tensor]) -> torch.Tensor:
+        return self.ep.per_expert_sums(products)[self.group.layer]
+
+
+def _grad(out, inputs, **kw) -> list[torch.Tensor]:
+    return _zeros_for_unused(torch.autograd.grad(out, inputs, allow_unused=True, **kw), inputs)
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor | None]) -> torch.Tensor:
+    terms = [(x * y).sum() for x, y in zip(a, b) if y is not None]
+    return sum(terms) if terms else torch.zeros(())
+
+
+class _StreamedLoss:
+    """The calibration loss as a composition of decoder layers (``ctx.stream``), with the inputs of every layer
+    recorded by one forward stream (``ctx.inputs``, or recorded here)."""
+
+    def __init__(self, ctx: SensitivityContext):
+        from .streaming import ModelStream, make_batches, record_inputs
+
+        self.ctx = ctx
+        self.stream = ctx.stream or ModelStream.from_model(ctx.model, ctx.groups)
+        param = next(self.stream.model.parameters())
+        self.batches = ctx.batches or make_batches(ctx.samples, "calib", ctx.batch_size, param.device, self.stream.dtype)
+        self.folds = ctx.folds or [0] * len(self.batches)
+        self.n_folds = max(self.folds) + 1
+        self.fold_targets = [0] * self.n_folds
+        for f, (_, b) in zip(self.folds, self.batches):
+            self.fold_targets[f] += _batch_targets(b)
+        self.inputs = ctx.inputs if ctx.inputs is not None else record_inputs(self.stream, self.batches,
+                                                                               should_stop=ctx.should_stop)
+        self.n = self.stream.n_layers
+
+    def check(self):
+        if self.ctx.should_stop:
+            self.ctx.should_stop()
+
+    def head_loss(self, key_batch, y: torch.Tensor, fold: int) -> torch.Tensor:
+        """The batch's share of its fold's mean loss."""
+        loss, _ = self.stream.loss(key_batch, y)
+        return loss.sum() / max(self.fold_targets[fold], 1)
+
+
+def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, dict[int, torch.Tensor]]]:
+    """vᵀHv per fold, probe, layer and expert for ``probes``: one forward stream carries each probe's tangent of
+    the hidden states (J·v, by the double-vjp identity Ju = ∂/∂w ⟨Jᵀw, u⟩), one backward stream carries the
+    gradient and its tangent (forward-over-reverse: the Hessian-vector product of each layer's local function),
+    recomputing one layer at a time."""
+    ctx, stream = sl.ctx, sl.stream
+    seed = ctx.seed
+    tangents: dict = {}  # (layer input index, key, probe) -> tangent of that layer's input (absent: zero)
+    # -- forward: tangents of every layer's input
+    stream.count_pass("sensitivity-forward")
+    for i in range(sl.n - 1):
+        with stream.layer(i) as layer, _LayerParams(stream.group_of.get(i)) as lp:
+            vs = {k: [probe_vector(seed, k, i, j, p) for j, p in enumerate(lp.params)] for k in probes}
+            for key, batch in sl.batches:
+                sl.check()
+                ins = [tangents.get((i, key, k)) for k in probes]
+                if not lp.params and all(t is None for t in ins):
+                    continue
+                emb = stream.embed(key, batch)
+                with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
+                    x = sl.inputs.get((i, key), stream.device).detach().requires_grad_(True)
+                    y = stream.run_layer(layer, i, x, emb)
+                    w = torch.zeros_like(y, requires_grad=True)
+                    gw = _grad((y * w).sum(), [x] + lp.params, create_graph=True)
+                    for k, t in zip(probes, ins):
+                        s = _dot(gw, [t] + vs[k])
+                        tangents[(i + 1, key, k)] = torch.autograd.grad(s, w, retain_graph=True)[0].detach()
+                    del gw, y, w
+    # -- backward: the gradient G and its tangent Gt, layer by layer from the top
+    stream.count_pass("sensitivity-backward")
+    est = [{k: {} for k in probes} for _ in range(sl.n_folds)]
+    G: dict = {}
+    Gt: dict = {}
+    for i in range(sl.n - 1, -1, -1):
+        with stream.layer(i) as layer, _LayerParams(stream.group_of.get(i)) as lp:
+            vs = {k: [probe_vector(seed, k, i, j, p) for j, p in enumerate(lp.params)] for k in probes}
+            for (key, batch), fold in zip(sl.batches, sl.folds):
+                sl.check()
+                emb = stream.embed(key, batch)
+                with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
+                    x = sl.inputs.get((i, key), stream.device).detach().requires_grad_(True)
+                    y = stream.run_layer(layer, i, x, emb)
+                    top = i == sl.n - 1
+                    s1 = sl.head_loss(batch, y, fold) if top else (y * G[key]).sum()
+                    g1 = _grad(s1, [x] + lp.params, create_graph=True)
+                    G[key] = g1[0].detach()
+                    for k in probes:
+                        s2 = _dot(g1, [tangents.get((i, key, k))] + vs[k])
+                        if not top:
+                            s2 = s2 + (y * Gt[(key, k)]).sum()
+                        g2 = _grad(s2, [x] + lp.params, retain_graph=True)
+                        Gt[(key, k)] = g2[0].detach()
+                        if lp.params:
+                            per = lp.per_expert([v * hv for v, hv in zip(vs[k], g2[1:])])
+                            acc = est[fold][k]
+                            acc[lp.group.layer] = acc.get(lp.group.layer, 0) + per
+                    del g1, y
+                for k in probes:
+                    tangents.pop((i, key, k), None)
+    return est
+
+
+def streamed_hvp_products(ctx: SensitivityContext, probes: list[int]) -> dict[int, dict[int, torch.Tensor]]:
+    """Probe ``k`` -> layer -> [E] vᵀHv (all calibration batches, one fold): the streamed estimate for the given
+    probe indices (``probe_vector`` gives their v). Used by the tests against whole-model autograd."""
+    est = _hutchinson_chunk(_StreamedLoss(ctx), probes)
+    return est[0]
 
 
 def _median_rel_err(samples: dict[int, list[torch.Tensor]]) -> float:
@@ -234,69 +334,90 @@ def _median_rel_err(samples: dict[int, list[torch.Tensor]]) -> float:
 
 @register("hutchinson")
 def hutchinson(ctx: SensitivityContext) -> SensitivityResult:
-    ep = _ExpertParams(ctx.groups)
-    gen = torch.Generator().manual_seed(ctx.seed)
-    param = next(ctx.model.parameters())
-    if isinstance(ctx.samples, torch.Tensor):
-        batches = _batches(ctx.samples.to(param.device), ctx.batch_size)
-    else:  # image+text SampleSet: one model-input dict per example
-        from .data import iter_batches
-
-        batches = list(iter_batches(ctx.samples, ctx.batch_size, param.device, dtype=param.dtype))
-    draws: dict[int, list[torch.Tensor]] = {g.layer: [] for g in ctx.groups}
-    rel = float("inf")
-    k = 0
-    with _RequiresGradOnly(ctx.model, ep.params), _GradThroughExperts(ctx.model, ctx.groups):
-        for k in range(1, ctx.probes + 1):
-            if ctx.should_stop:
-                ctx.should_stop()
-            # Every probe sees all calibration tokens, so the estimate targets the trace of the Hessian of the
-            # whole calibration loss and its standard error is probe noise only.
-            est = hutchinson_probe(ctx.model, ep, batches, gen, ctx.should_stop)
-            for layer, v in est.items():
-                draws[layer].append(v)
-            if k >= 2:
-                rel = _median_rel_err(draws)
-            if ctx.on_progress:
-                ctx.on_progress(k / ctx.probes)
-            if k >= ctx.min_probes and rel <= ctx.tol:
-                break
-    scores = {layer: torch.stack(v).mean(0).tolist() for layer, v in draws.items()}
+    sl = _StreamedLoss(ctx)
+    draws: list[dict[int, list[torch.Tensor]]] = [{g.layer: [] for g in ctx.groups} for _ in range(sl.n_folds)]
+    w = [float(t) for t in sl.fold_targets]
+    rel, k, streams = float("inf"), 0, 0
+    while k < ctx.probes:
+        size = max(1, ctx.min_probes) if k == 0 else ctx.probe_batch
+        chunk = list(range(k, min(ctx.probes, k + size)))
+        est = _hutchinson_chunk(sl, chunk)
+        streams += 2
+        for f in range(sl.n_folds):
+            for p in chunk:
+                for g in ctx.groups:
+                    draws[f][g.layer].append(est[f][p].get(g.layer, torch.zeros(g.num_experts, dtype=torch.float64)))
+        k = chunk[-1] + 1
+        # The whole-data estimate per probe (the folds' Hessians weighted by their targets) decides convergence.
+        full = {g.layer: [sum(wf * draws[f][g.layer][j] for f, wf in enumerate(w)) / sum(w) for j in range(k)]
+                for g in ctx.groups}
+        if k >= 2:
+            rel = _median_rel_err(full)
+        if ctx.on_progress:
+            ctx.on_progress(k / ctx.probes)
+        if k >= ctx.min_probes and rel <= ctx.tol:
+            break
+    scores = {layer: torch.stack(v).mean(0).tolist() for layer, v in full.items()}
     stderr = {layer: (torch.stack(v).std(0, unbiased=True) / math.sqrt(len(v))).tolist() if len(v) > 1
-              else [float("nan")] * len(v[0]) for layer, v in draws.items()}
-    return SensitivityResult("hutchinson", scores, probes=k, rel_std_err_median=rel,
-                             details={"std_err": {str(a): b for a, b in stderr.items()}, "tol": ctx.tol,
-                                      "converged": rel <= ctx.tol})
+              else [float("nan")] * len(v[0]) for layer, v in full.items()}
+    details = {"std_err": {str(a): b for a, b in stderr.items()}, "tol": ctx.tol, "converged": rel <= ctx.tol,
+               "streams": streams}
+    if sl.n_folds > 1:
+        details["fold_scores"] = [{str(layer): torch.stack(v).mean(0).tolist() for layer, v in d.items()}
+                                  for d in draws]
+    return SensitivityResult("hutchinson", scores, probes=k, rel_std_err_median=rel, details=details)
 
 
-def per_sample_grad_sq(model, ep: _ExpertParams, samples: torch.Tensor, should_stop=None, on_progress=None
-                       ) -> dict[int, torch.Tensor]:
-    """Σ_i ‖∇ℓ_i‖² per expert, one backward per sequence i."""
-    from .data import iter_batches
-
-    total = {g.layer: torch.zeros(g.num_experts, dtype=torch.float64) for g in ep.groups}
-    param = next(model.parameters())
-    n = len(samples)
-    with _RequiresGradOnly(model, ep.params), _GradThroughExperts(model, ep.groups):
-        for i, batch in enumerate(iter_batches(samples, 1, param.device, dtype=param.dtype)):
-            if should_stop:
-                should_stop()
-            loss = lm_loss(model, batch["input_ids"] if len(batch) == 1 else batch)
-            grads = _zeros_for_unused(torch.autograd.grad(loss, ep.params, allow_unused=True), ep.params)
-            for layer, v in ep.per_expert_sums([g * g for g in grads]).items():
-                total[layer] += v
-            if on_progress:
-                on_progress((i + 1) / n)
-    return total
+def _units(sl: _StreamedLoss):
+    """(unit key, unit batch, parent key, row, fold): every calibration sequence as a batch of its own."""
+    for (key, batch), fold in zip(sl.batches, sl.folds):
+        rows = batch["input_ids"].shape[0]
+        for r in range(rows):
+            unit = batch if rows == 1 else {k: v[r: r + 1] for k, v in batch.items()}
+            yield (key, r) if rows > 1 else key, unit, key, r, fold, rows
 
 
 @register("fisher")
 def fisher(ctx: SensitivityContext) -> SensitivityResult:
-    ep = _ExpertParams(ctx.groups)
-    n = len(ctx.samples)
-    sums = per_sample_grad_sq(ctx.model, ep, ctx.samples, ctx.should_stop, ctx.on_progress)
-    return SensitivityResult("fisher", {layer: (v / n).tolist() for layer, v in sums.items()},
-                             details={"samples": n, "estimator": "trace of the empirical Fisher"})
+    """Trace of the empirical Fisher, (1/N) Σ_i ‖∇_{W_e} ℓ_i‖² over calibration sequences i (ℓ_i the sequence's
+    mean token loss): exact per-sequence gradients from one backward stream, one layer recomputed at a time."""
+    sl = _StreamedLoss(ctx)
+    stream = sl.stream
+    units = list(_units(sl))
+    sums = [{g.layer: torch.zeros(g.num_experts, dtype=torch.float64) for g in ctx.groups}
+            for _ in range(sl.n_folds)]
+    G: dict = {}
+    stream.count_pass("sensitivity-backward")
+    for i in range(sl.n - 1, -1, -1):
+        with stream.layer(i) as layer, _LayerParams(stream.group_of.get(i)) as lp:
+            for ukey, unit, key, r, fold, rows in units:
+                sl.check()
+                emb = stream.embed(("unit", ukey), unit)
+                with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
+                    x = sl.inputs.get((i, key), stream.device)
+                    x = (x[r: r + 1] if rows > 1 else x).detach().requires_grad_(True)
+                    y = stream.run_layer(layer, i, x, emb)
+                    if i == sl.n - 1:
+                        loss, count = stream.loss(unit, y)
+                        s = loss.sum() / count.sum().clamp(min=1)
+                    else:
+                        s = (y * G[ukey]).sum()
+                    grads = _grad(s, [x] + lp.params)
+                G[ukey] = grads[0].detach()
+                if lp.params:
+                    sums[fold][lp.group.layer] += lp.per_expert([g * g for g in grads[1:]])
+            if ctx.on_progress:
+                ctx.on_progress((sl.n - i) / sl.n)
+    counts = [0] * sl.n_folds
+    for *_, fold, _rows in units:
+        counts[fold] += 1
+    n = len(units)
+    total = {layer: sum(s[layer] for s in sums) for layer in sums[0]}
+    details = {"samples": n, "estimator": "trace of the empirical Fisher", "streams": 1}
+    if sl.n_folds > 1:
+        details["fold_scores"] = [{str(layer): (v / max(c, 1)).tolist() for layer, v in s.items()}
+                                  for s, c in zip(sums, counts)]
+    return SensitivityResult("fisher", {layer: (v / n).tolist() for layer, v in total.items()}, details=details)
 
 
 @register("frequency")
@@ -316,19 +437,135 @@ def input_hessian(ctx: SensitivityContext) -> SensitivityResult:
     return SensitivityResult("input-hessian", scores)
 
 
+def weight_norm_scores(g: ExpertGroup) -> list[float]:
+    """Σ_proj (n_proj − 1)/‖W_proj‖_F per expert of a materialised layer."""
+    return [sum((p.params - 1) / max(float(g.weight(e, p.name).detach().double().norm()), 1e-12)
+                for p in g.projections) for e in range(g.num_experts)]
+
+
 @register("weight-norm")
 def weight_norm(ctx: SensitivityContext) -> SensitivityResult:
-    scores = {}
-    for g in ctx.groups:
-        s = []
-        for e in range(g.num_experts):
-            total = 0.0
-            for p in g.projections:
-                norm = float(g.weight(e, p.name).detach().double().norm())
-                total += (p.params - 1) / max(norm, 1e-12)
-            s.append(total)
-        scores[g.layer] = s
-    return SensitivityResult("weight-norm", scores, details={"closed_form": "sum_proj (n-1)/||W_proj||_F"})
+    scores = ctx.precomputed.get("weight-norm") or {g.layer: weight_norm_scores(g) for g in ctx.groups}
+    return SensitivityResult("weight-norm", dict(scores), details={"closed_form": "sum_proj (n-1)/||W_proj||_F"})
+
+
+@register("layer-hessian")
+def layer_hessian(ctx: SensitivityContext) -> SensitivityResult:
+    """Layer-local: the exact trace of the Hessian of the MoE block's routed-output reconstruction error
+    (see ``layer_hessian_trace``), accumulated by the calibration stream."""
+    scores = ctx.precomputed.get("layer-hessian")
+    if scores is None:
+        from .streaming import ModelStream, make_batches, record_inputs
+
+        stream = ctx.stream or ModelStream.from_model(ctx.model, ctx.groups)
+        batches = ctx.batches or make_batches(ctx.samples, "calib", ctx.batch_size, stream.device, stream.dtype)
+        hooks = {g.layer: TraceHook(g) for g in ctx.groups}
+        record_inputs(stream, batches, keep=False, layer_hooks=hooks)
+        scores = {layer: (h.sums / max(ctx.stats.tokens, 1)).tolist() for layer, h in hooks.items()}
+    return SensitivityResult("layer-hessian", dict(scores), rel_std_err_median=0.0,
+                             details={"objective": "exact trace of the Hessian of the MoE block's routed-output "
+                                                   "reconstruction error (layer-local)", "converged": True})
+
+
+# ---- layer-local Hessian trace: exact, from one elementwise backward per expert -------------------------------------
+def _in_projection_forward(group, e: int, x: torch.Tensor) -> tuple[list[torch.Tensor], Callable]:
+    """The "in" projection outputs of expert ``e`` on ``x`` (leaf tensors requiring grad) and ``f`` with
+    ``h = f(*outputs)`` the expert's intermediate activation (elementwise in the outputs)."""
+    import torch.nn.functional as F
+
+    m = group.module
+    if group.kind == "fused":
+        name = "gate_up_proj" if getattr(m, "has_gate", True) else "up_proj"
+        w = group.weight(e, name).float()
+        bias = None
+        if getattr(m, "has_bias", False) and getattr(m, f"{name}_bias", None) is not None:
+            bias = getattr(m, f"{name}_bias")[e].float()
+        y = F.linear(x, w, bias).detach().requires_grad_(True)
+        if getattr(m, "has_gate", True):
+            return [y], lambda y_: m._apply_gate(y_)
+        return [y], lambda y_: m.act_fn(y_)
+    from .moe import _expert_act
+
+    expert = m[e]
+    act = _expert_act(expert)
+    names = [p.name for p in group.projections if p.role == "in"]
+
+    def lin(n):
+        mod = getattr(expert, n)
+        b = None if mod.bias is None else mod.bias.float()
+        return F.linear(x, mod.weight.float(), b).detach().requires_grad_(True)
+
+    if len(names) == 2:
+        gate_name = "gate_proj" if "gate_proj" in names else "w1"
+        up_name = "up_proj" if "up_proj" in names else "w3"
+        return [lin(gate_name), lin(up_name)], lambda g, u: act(g) * u
+    y = lin(names[0])
+    if names[0] == "gate_up_proj":
+        return [y], lambda y_: act(y_.chunk(2, dim=-1)[0]) * y_.chunk(2, dim=-1)[1]
+    return [y], lambda y_: act(y_)
+
+
+def layer_hessian_trace(group, e: int, x: torch.Tensor, w: torch.Tensor | None = None) -> float:
+    """``tr(d^2 L / dW_e^2)`` at ``W0`` for ``L = sum_t ||F(x_t; W) - F(x_t; W0)||^2`` over the tokens ``x`` [n, H]
+    routed to expert ``e`` with routing weights ``w`` [n] (None: 1). Exact; see the module docstring."""
+    x = x.detach().float()
+    if x.shape[0] == 0:
+        return 0.0
+    w2 = torch.ones(x.shape[0], device=x.device) if w is None else w.detach().float() ** 2
+    out_proj = next(p for p in group.projections if p.role == "out")
+    Wd = group.weight(e, out_proj.name).detach().float()  # [H_out, F]
+    sqrt_c = Wd.square().sum(0).sqrt()  # ||W_down[:, j]||
+    with torch.enable_grad():
+        ys, f = _in_projection_forward(group, e, x)
+        h = f(*ys)
+        grads = torch.autograd.grad((h * sqrt_c).sum(), ys)
+    x_sq = x.square().sum(-1)
+    trace_in = sum((w2 * x_sq * g.square().sum(-1)).sum() for g in grads)
+    trace_out = out_proj.out_features * (w2 * h.detach().square().sum(-1)).sum()
+    return float(2.0 * (trace_in + trace_out))
+
+
+class TraceHook:
+    """Accumulates every expert's layer-Hessian trace from the experts module's (or each expert's) inputs."""
+
+    def __init__(self, group):
+        self.group = group
+        self.sums = torch.zeros(group.num_experts, dtype=torch.float64)
+        self.handles = []
+
+    def install(self) -> TraceHook:
+        g = self.group
+        if g.kind == "fused":
+            self.handles.append(g.module.register_forward_pre_hook(self._fused, with_kwargs=True))
+        else:
+            for e in range(g.num_experts):
+                self.handles.append(g.module[e].register_forward_pre_hook(
+                    lambda mod, args, kwargs, e=e: self._expert(e, args, kwargs), with_kwargs=True))
+        return self
+
+    def _fused(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        index = index.reshape(hidden.shape[0], -1)
+        if weights is not None and weights.dim() >= 2 and weights.shape[-1] != index.shape[-1]:
+            weights = weights.gather(-1, index)  # dense [n, E] routing weights (some models pass those)
+        for e in range(self.group.num_experts):
+            tok, pos = torch.where(index == e)
+            if tok.numel():
+                w = None if weights is None else weights.reshape(hidden.shape[0], -1)[tok, pos]
+                self.sums[e] += layer_hessian_trace(self.group, e, hidden[tok], w)
+
+    def _expert(self, e, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        # ModuleList experts (remote code) are called without their routing weight: it is taken as 1.
+        self.sums[e] += layer_hessian_trace(self.group, e, x.reshape(-1, x.shape[-1]), None)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def compute_sensitivity(method: str, ctx: SensitivityContext) -> SensitivityResult:

@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -26,6 +26,9 @@ from app.services.events import add_event
 from mopeq_core.errors import CancelledError, UserInputError
 from worker.context import Current, WorkerContext
 from worker.recovery import claim, remove_job_files
+
+if TYPE_CHECKING:
+    from mopeq_core.engine import RunSummary
 
 log = logging.getLogger("mopeq.worker")
 STAGE_ORDER = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export", "push")
@@ -220,10 +223,7 @@ class JobRun:
                 raise CancelledError("cancelled before start")
             cfg = self._config(job)
             self._check_disk(job)
-            if cfg.low_memory:  # layer by layer, for checkpoints larger than the worker's memory
-                from mopeq_core.lowmem import run_low_memory as run
-            else:
-                from mopeq_core.pipeline import run_quantization as run
+            from mopeq_core.engine import run
 
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -393,28 +393,26 @@ class JobRun:
             raise DiskSpaceError(f"the artifact store is full: {used} bytes used (this job's output: {mine}) > "
                                  f"MOPEQ_ARTIFACT_MAX_BYTES={quota}; the job's files were removed")
 
-    def _record_results(self, job: Job, result: Any) -> None:
-        """One transaction: allocation rows from bitmap.json and one artifact row per file (replacing any from an
-        earlier attempt, so a resumed job never has two artifact sets)."""
-        bitmap_path = self.out_dir / "bitmap.json"
-        bitmap = json.loads(bitmap_path.read_text()) if bitmap_path.is_file() else (result.bitmap or {})
-        report = getattr(result, "report", None) or {}
+    def _record_results(self, job: Job, result: RunSummary) -> None:
+        """One transaction: allocation rows from the run's bit map and one artifact row per file (replacing any
+        from an earlier attempt, so a resumed job never has two artifact sets)."""
+        bitmap, report = result.bitmap, result.report
         rows: list[ExpertAllocation] = []
-        for layer in bitmap.get("layers", []):
-            for e in layer.get("experts", []):
-                rows.append(ExpertAllocation(job_id=self.job_id, layer=int(layer["layer"]), module=layer.get("module"),
+        for layer in bitmap["layers"]:
+            for e in layer["experts"]:
+                rows.append(ExpertAllocation(job_id=self.job_id, layer=int(layer["layer"]), module=layer["module"],
                                              expert=int(e["expert"]), bits=int(e["bits"]),
-                                             sensitivity=e.get("sensitivity"), frequency=e.get("frequency"),
-                                             params=e.get("params")))
+                                             sensitivity=e["sensitivity"], frequency=e["frequency"],
+                                             params=e["params"]))
         files = sorted(p for p in self.out_dir.rglob("*") if p.is_file() and not p.is_symlink())
         arts = [Artifact(job_id=self.job_id, kind="file", name=p.relative_to(self.out_dir).as_posix(),
                          uri=p.resolve().as_uri(), sha256=_sha256(p), bytes=p.stat().st_size) for p in files]
-        summary = {k: bitmap.get(k) for k in ("avg_bits", "expert_bytes", "total_bytes") if k in bitmap}
-        for k in ("ppl_fp", "ppl_quant", "perplexity", "coverage", "calib_tokens"):
-            if k in report:
-                summary[k] = report[k]
-        summary["files"] = len(arts)
-        revision = getattr(result, "resolved_revision", None) or job.resolved_revision
+        summary = {"avg_bits": result.avg_bits, "expert_bytes": int(bitmap["expert_bytes"]),
+                   "total_bytes": result.total_bytes, "selected_sensitivity": result.selected_sensitivity,
+                   "perplexity": result.perplexity, "coverage": report["calibration"],
+                   "calib_tokens": bitmap["sensitivity"]["calib_tokens"], "eval_suites": result.eval_suites,
+                   "files": len(arts)}
+        revision = result.resolved_revision or job.resolved_revision
         with self.ctx.factory() as db, db.begin():
             owned = db.execute(update(Job).where(*self._mine()).values(
                 resolved_revision=revision, result=summary, timings=self.timings,
