@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mopeq_core.config import Budget, QuantizeConfig  # noqa: E402
 from mopeq_core.loader import load_quantized  # noqa: E402
 from mopeq_core.loading import load_model  # noqa: E402
-from mopeq_core.pipeline import run_quantization  # noqa: E402
+from mopeq_core import engine  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "mopeq-tiny-moe"
 
@@ -45,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = QuantizeConfig(model=str(MODEL), budget=Budget(avg_bits=args.avg_bits), quantizer="rtn",
                              sensitivity="input-hessian", group_size=64, calib_samples=8, seq_len=128)
-        result = run_quantization(cfg, Path(tmp) / "q")
+        result = engine.run(cfg, Path(tmp) / "q")
         r0 = rss()
         q = load_quantized(Path(tmp) / "q")
         r1 = rss()

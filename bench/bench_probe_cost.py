@@ -16,7 +16,7 @@ expert). The baselines on the same batch and model state:
 Timings alternate (baseline, probe, baseline, probe, ...) after one warm-up each; medians are reported. Also
 measured: the probe's two halves (forward + ``create_graph`` backward; the backward of the backward), a
 forward-over-reverse HVP (``torch.func.jvp`` of ``torch.func.grad``) as the alternative exact method, and the
-low-memory pipeline's layer-local trace (``lowmem.layer_hessian_trace`` for every expert of every layer on the routed
+low-memory pipeline's layer-local trace (``sensitivity.layer_hessian_trace`` for every expert of every layer on the routed
 tokens of the same batch).
 """
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from mopeq_core.data import read_texts, token_samples
     from mopeq_core.loading import load_model, load_tokenizer
-    from mopeq_core.lowmem import layer_hessian_trace
+    from mopeq_core.sensitivity import layer_hessian_trace
     from mopeq_core.moe import find_expert_groups
     from mopeq_core.sensitivity import _ExpertParams, _RequiresGradOnly, hutchinson_probe, lm_loss
 

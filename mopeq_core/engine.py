@@ -606,6 +606,7 @@ class _Run:
         if st.done("allocate"):
             self.alloc_state = st.read_json("allocate")
         else:
+            self.prog.check()
             allocations = {m: self._allocate(self.sens[m].scores) for m in self.methods}
             validation = {}
             if len(self.methods) > 1:
@@ -828,7 +829,7 @@ class _Run:
                 non_expert_bytes=self.non_expert_bytes, bits_choices=cfg.bits, group_size=cfg.group_size,
                 symmetric=cfg.symmetric, quantizer=cfg.quantizer, sensitivity=sensitivity_desc,
                 allocation={"allocator": cfg.allocator, "scope": cfg.scope, "granularity": cfg.granularity,
-                            "cost": cfg.cost, **a["budget"]})
+                            **a["budget"]})
             out_dir.mkdir(parents=True, exist_ok=True)
             files = self._export_files(bitmap)
             (out_dir / "bitmap.json").write_text(json.dumps(bitmap, indent=1))

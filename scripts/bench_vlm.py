@@ -34,7 +34,7 @@ def main() -> None:
     import vlm_models as vm
 
     from mopeq_core.config import Budget, QuantizeConfig
-    from mopeq_core.pipeline import run_quantization
+    from mopeq_core import engine
 
     torch.set_num_threads(args.threads)
     models = [("Qwen3-VL-MoE tiny (random)", vm.build_qwen3_vl_moe, False),
@@ -53,7 +53,7 @@ def main() -> None:
                     seq_len=64, eval_file=str(vm.VLM_DATA / "eval.jsonl"), eval_samples=8, trust_remote_code=trust,
                     device=args.device, eval_suites=("lmms-eval:mopeq_caption_match",))
                 t0 = time.perf_counter()
-                r = run_quantization(cfg, Path(tmp) / f"out-{src.name}-{bits}")
+                r = engine.run(cfg, Path(tmp) / f"out-{src.name}-{bits}")
                 secs = time.perf_counter() - t0
                 ppl, sizes = r.report["perplexity"], r.report["sizes"]
                 acc = r.report["eval_suites"]["lmms-eval/mopeq_caption_match"]["acc"]

@@ -26,7 +26,7 @@ from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.loader import PackedLinear, load_packed_matrices, load_quantized
 from mopeq_core.loading import load_model
 from mopeq_core.moe import expert_param_names, find_expert_groups
-from mopeq_core.pipeline import run_quantization
+from mopeq_core import engine
 
 SPECS = {**tm.ARCHS, tm.STANDIN.name: tm.STANDIN}
 NAMES = list(SPECS)
@@ -269,7 +269,7 @@ def test_pipeline_end_to_end(arch, model_dirs, calib_file, tmp_path):
     cfg = QuantizeConfig(model=str(src), budget=Budget(avg_bits=3.0), bits=(2, 3, 4), sensitivity="hutchinson",
                          quantizer="rtn", group_size=GROUP_SIZE, probes=3, calib_file=str(calib_file),
                          calib_samples=N_SAMPLES, seq_len=SEQ_LEN)
-    res = run_quantization(cfg, out)
+    res = engine.run(cfg, out)
 
     bitmap = json.loads((out / "bitmap.json").read_text())
     assert bitmap == json.loads(json.dumps(res.bitmap))

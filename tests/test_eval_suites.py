@@ -22,7 +22,7 @@ from mopeq_core.eval_suites import (
 )
 from mopeq_core.loader import load_quantized
 from mopeq_core.loading import load_model, load_tokenizer
-from mopeq_core.pipeline import run_quantization
+from mopeq_core import engine
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "mopeq-tiny-moe"
@@ -78,7 +78,7 @@ def test_lm_eval_on_the_shipped_model_before_and_after_quantization(tmp_path):
           "group_size": 32, "calib_samples": 8, "seq_len": 64, "eval_file": str(EVAL_TXT), "eval_samples": 4}
     if PIPELINE_HAS_SUITES:
         kw.update(eval_suites=(LM_SUITE,), eval_suite_limit=24)
-    result = run_quantization(QuantizeConfig(**kw), tmp_path)
+    result = engine.run(QuantizeConfig(**kw), tmp_path)
     tok = load_tokenizer(SHIPPED)
     quantized = run_suites(load_quantized(tmp_path), tok, None, [LM_SUITE], eval_file=EVAL_TXT, limit=24)
     if PIPELINE_HAS_SUITES:
@@ -110,11 +110,11 @@ def test_lmms_eval_on_a_tiny_vlm_before_and_after_quantization(tmp_path):
     import vlm_models as vm
 
     src = vm.build_qwen3_vl_moe(tmp_path / "models")
-    if PIPELINE_HAS_SUITES and "load_samples" in inspect.getsource(run_quantization):
+    if PIPELINE_HAS_SUITES and "load_samples" in inspect.getsource(engine):
         cfg = QuantizeConfig(model=str(src), budget=Budget(avg_bits=2.5), sensitivity="frequency", quantizer="rtn",
                              group_size=16, calib_samples=4, seq_len=32, calib_file=str(vm.VLM_DATA / "calib.jsonl"),
                              eval_file=str(VLM_EVAL), eval_samples=4, eval_suites=(VLM_SUITE,))
-        result = run_quantization(cfg, tmp_path / "out")
+        result = engine.run(cfg, tmp_path / "out")
         table = result.report["eval_suites"]["lmms-eval/mopeq_caption_match"]
         assert set(table["acc"]) == {"fp", "quantized", "delta"}
         assert 0.0 <= table["acc"]["fp"] <= 1.0 and 0.0 <= table["acc"]["quantized"] <= 1.0

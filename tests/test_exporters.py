@@ -398,7 +398,7 @@ def test_pipeline_compressed_tensors_artifact_reproduces_report(model_dirs, tmp_
     from mopeq_core.config import Budget
     from mopeq_core.data import read_texts, token_samples
     from mopeq_core.evaluate import mean_token_loss
-    from mopeq_core.pipeline import run_quantization
+    from mopeq_core import engine
 
     eval_file = Path(tiny_models.REPO) / "data" / "eval.txt"
     cfg = QuantizeConfig(model=str(model_dirs["mixtral"]), budget=Budget(avg_bits=4.0), bits=(4,), group_size=G,
@@ -406,7 +406,7 @@ def test_pipeline_compressed_tensors_artifact_reproduces_report(model_dirs, tmp_
                          calib_file=str(eval_file), eval_file=str(eval_file), eval_samples=4,
                          format="compressed-tensors", granularity="layer")
     out = tmp_path / "run"
-    result = run_quantization(cfg, out)
+    result = engine.run(cfg, out)
     names = {f.name for f in result.files}
     assert {"config.json", "bitmap.json", "report.json", "README.md", "bitmap.png"} <= names
     assert any(n.endswith(".safetensors") for n in names) and any(n.startswith("tokenizer") for n in names)

@@ -49,11 +49,11 @@ def _ppl(model, model_dir, device) -> float:
 
 
 def test_low_memory_on_cuda_agrees_with_cpu(tiny_dir, tmp_path):
+    from mopeq_core.engine import run
     from mopeq_core.loader import load_quantized
-    from mopeq_core.lowmem import run_low_memory
 
-    gpu = run_low_memory(_cfg(tiny_dir, device="cuda", low_memory=True), tmp_path / "gpu")
-    cpu = run_low_memory(_cfg(tiny_dir, low_memory=True), tmp_path / "cpu")
+    gpu = run(_cfg(tiny_dir, device="cuda", low_memory=True), tmp_path / "gpu")
+    cpu = run(_cfg(tiny_dir, low_memory=True), tmp_path / "cpu")
     g, c = gpu.report, cpu.report
     assert g["low_memory"]["compute_dtype"] == "bfloat16"
     assert g["low_memory"]["experts_implementation"] in ("grouped_mm", "eager")
@@ -73,10 +73,10 @@ def test_low_memory_on_cuda_agrees_with_cpu(tiny_dir, tmp_path):
 
 
 def test_in_memory_pipeline_on_cuda(tiny_dir, tmp_path):
+    from mopeq_core.engine import run
     from mopeq_core.loader import load_quantized
-    from mopeq_core.pipeline import run_quantization
 
-    r = run_quantization(_cfg(tiny_dir, device="cuda"), tmp_path / "out")
+    r = run(_cfg(tiny_dir, device="cuda"), tmp_path / "out")
     assert math.isfinite(r.report["perplexity"]["quantized_perplexity"])
     assert all("peak_gpu_mb" in s for s in r.report["stages"].values())
     ppl = _ppl(load_quantized(tmp_path / "out", device="cuda"), tiny_dir, "cuda")
@@ -103,8 +103,8 @@ def test_batched_gptq_on_cuda_matches_the_cpu_quantizer():
 def test_layer_hessian_trace_on_cuda_matches_cpu():
     import transformers
 
-    from mopeq_core.lowmem import layer_hessian_trace
     from mopeq_core.moe import find_expert_groups
+    from mopeq_core.sensitivity import layer_hessian_trace
 
     cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,

@@ -30,7 +30,7 @@ from mopeq_core.errors import (
     UserInputError,
 )
 from mopeq_core.loading import load_model, resolve_model
-from mopeq_core.pipeline import run_quantization
+from mopeq_core import engine
 
 SHA = "4f1c0c4e2b8d9a7e6f5a4b3c2d1e0f9a8b7c6d5e"
 
@@ -100,7 +100,7 @@ def test_pickle_only_checkpoint_is_refused(copy_of, tmp_path, no_hub):
         resolve_model(str(src))
     assert "Convert the checkpoint to safetensors" in str(ei.value)
     with pytest.raises(UnsafeCheckpointError):  # the pipeline refuses it in its first stage
-        run_quantization(_small_cfg(str(src)), tmp_path / "out")
+        engine.run(_small_cfg(str(src)), tmp_path / "out")
     assert not (tmp_path / "out" / "bitmap.json").exists()
     assert resolve_model(str(src), allow_pickle=True).path == src.resolve()  # only when explicitly allowed
 
@@ -145,13 +145,13 @@ def test_remote_code_model_runs_only_with_trust(remote_code_model, tmp_path, no_
     with pytest.raises(RemoteCodeRequiredError):
         resolve_model(str(remote_code_model))
     with pytest.raises(RemoteCodeRequiredError):
-        run_quantization(_small_cfg(str(remote_code_model)), tmp_path / "refused")
+        engine.run(_small_cfg(str(remote_code_model)), tmp_path / "refused")
     from mopeq_core.moe import find_expert_groups
 
     model = load_model(resolve_model(str(remote_code_model), trust_remote_code=True).path, trust_remote_code=True)
     groups = find_expert_groups(model)
     assert [(g.layer, g.kind, g.num_experts) for g in groups] == [(1, "modulelist", 4), (2, "modulelist", 4)]
-    res = run_quantization(_small_cfg(str(remote_code_model), trust_remote_code=True), tmp_path / "out")
+    res = engine.run(_small_cfg(str(remote_code_model), trust_remote_code=True), tmp_path / "out")
     assert [entry["layer"] for entry in res.bitmap["layers"]] == [1, 2]
     assert res.report["config"]["trust_remote_code"] is True  # the job records that remote code ran
 
@@ -159,7 +159,7 @@ def test_remote_code_model_runs_only_with_trust(remote_code_model, tmp_path, no_
 def test_remote_code_artifact_loads(remote_code_model, tmp_path):
     from mopeq_core.loader import load_quantized
 
-    run_quantization(_small_cfg(str(remote_code_model), trust_remote_code=True), tmp_path / "out")
+    engine.run(_small_cfg(str(remote_code_model), trust_remote_code=True), tmp_path / "out")
     with pytest.raises(RemoteCodeRequiredError):
         load_quantized(tmp_path / "out")
     model = load_quantized(tmp_path / "out", trust_remote_code=True)
@@ -193,7 +193,7 @@ def test_dense_model_is_not_moe(tmp_path, no_hub):
     dense = tm.build_dense(tmp_path)
     assert resolve_model(str(dense)).path == dense.resolve()  # a valid model: refused for having no MoE layer
     with pytest.raises(NotMoEError, match="no Mixture-of-Experts layer") as ei:
-        run_quantization(_small_cfg(str(dense)), tmp_path / "out")
+        engine.run(_small_cfg(str(dense)), tmp_path / "out")
     assert "LlamaForCausalLM" in str(ei.value) and "dense quantizer" in str(ei.value)
 
 
@@ -288,7 +288,7 @@ def test_offline_cache_pickle_only_snapshot_is_refused(offline_cache, tmp_path):
 
 
 def test_pipeline_runs_from_offline_cache(offline_cache, tmp_path):
-    res = run_quantization(_small_cfg("tiny-org/tiny-moe"), tmp_path / "out")
+    res = engine.run(_small_cfg("tiny-org/tiny-moe"), tmp_path / "out")
     assert res.resolved_revision == SHA
     bitmap = json.loads((tmp_path / "out" / "bitmap.json").read_text())
     assert bitmap["model"] == "tiny-org/tiny-moe" and bitmap["revision"] == SHA
@@ -431,6 +431,6 @@ def test_online_download_fetches_only_what_a_model_needs(online, hub_mock, tiny_
     assert "pytorch_model.bin" not in fetched and "consolidated.pth" not in fetched
 
     if not trust:  # and the pipeline runs on it, recording the commit it used
-        res = run_quantization(_small_cfg("org/tiny-moe"), tmp_path / "out")
+        res = engine.run(_small_cfg("org/tiny-moe"), tmp_path / "out")
         assert res.resolved_revision == SHA
         assert json.loads((tmp_path / "out" / "bitmap.json").read_text())["revision"] == SHA

@@ -24,7 +24,8 @@ from mopeq_core.evaluate import mean_token_loss
 from mopeq_core.loader import load_packed_matrices, load_quantized
 from mopeq_core.loading import load_model, load_tokenizer
 from mopeq_core.moe import find_expert_groups
-from mopeq_core.pipeline import STAGES, run_quantization
+from mopeq_core import engine
+from mopeq_core.engine import STAGES
 from mopeq_core.sizing import SCALE_BYTES, n_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def _cfg(model_dir, **over) -> QuantizeConfig:
 def run_gptq(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out_gptq")
     events = []
-    result = run_quantization(_cfg(tiny_dir), out, on_event=events.append)
+    result = engine.run(_cfg(tiny_dir), out, on_event=events.append)
     return result, out, events
 
 
@@ -150,17 +151,17 @@ def test_budget_gb_is_never_exceeded_and_infeasible_budgets_state_the_range(run_
     result, _, _ = run_gptq
     total = result.bitmap["total_bytes"]
     gb = (total + 300) / 1e9
-    r = run_quantization(_cfg(tiny_dir, budget=Budget(gb=gb), sensitivity="frequency", quantizer="rtn",
+    r = engine.run(_cfg(tiny_dir, budget=Budget(gb=gb), sensitivity="frequency", quantizer="rtn",
                               eval_file=None), tmp_path / "gb")
     assert r.bitmap["total_bytes"] <= gb * 1e9
     assert r.bitmap["allocation"]["budget_bytes"] == int(gb * 1e9)
     with pytest.raises(InfeasibleBudgetError, match="between") as exc:
-        run_quantization(_cfg(tiny_dir, budget=Budget(gb=1e-6), sensitivity="frequency", quantizer="rtn",
+        engine.run(_cfg(tiny_dir, budget=Budget(gb=1e-6), sensitivity="frequency", quantizer="rtn",
                               eval_file=None), tmp_path / "gb2")
     lo, hi = exc.value.feasible
     assert lo < hi and exc.value.unit == "GB"
     with pytest.raises(InfeasibleBudgetError, match="feasible range"):
-        run_quantization(_cfg(tiny_dir, budget=Budget(avg_bits=1.5), sensitivity="frequency", quantizer="rtn",
+        engine.run(_cfg(tiny_dir, budget=Budget(avg_bits=1.5), sensitivity="frequency", quantizer="rtn",
                               eval_file=None), tmp_path / "ab")
 
 
@@ -173,16 +174,16 @@ def test_cancel_then_resume_skips_finished_stages_and_matches_a_clean_run(tiny_d
         return bool(seen) and seen[-1].stage == "allocate"
 
     with pytest.raises(CancelledError):
-        run_quantization(cfg, tmp_path / "a", state_dir=state, on_event=seen.append, should_cancel=cancel_at_allocate)
+        engine.run(cfg, tmp_path / "a", state_dir=state, on_event=seen.append, should_cancel=cancel_at_allocate)
     assert (state / "sensitivity.done").exists() and not (state / "allocate.done").exists()
     sens_mtime = (state / "sensitivity.json").stat().st_mtime
-    resumed = run_quantization(cfg, tmp_path / "a", state_dir=state)
+    resumed = engine.run(cfg, tmp_path / "a", state_dir=state)
     assert (state / "sensitivity.json").stat().st_mtime == sens_mtime  # not recomputed
-    clean = run_quantization(cfg, tmp_path / "b")
+    clean = engine.run(cfg, tmp_path / "b")
     assert resumed.bitmap == clean.bitmap
     assert not (tmp_path / "b" / ".mopeq-state").exists()  # own state removed after success
     # a changed configuration invalidates the stage files
-    run_quantization(_cfg(tiny_dir, sensitivity="frequency", quantizer="rtn", eval_file=None), tmp_path / "c",
+    engine.run(_cfg(tiny_dir, sensitivity="frequency", quantizer="rtn", eval_file=None), tmp_path / "c",
                      state_dir=state)
     assert json.loads((state / "sensitivity.json").read_text()).keys() == {"frequency"}
 
@@ -191,10 +192,10 @@ def test_bad_inputs_raise_user_errors(tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json}\n')
     with pytest.raises(CalibrationDataError, match="bad.jsonl:2"):
-        run_quantization(_cfg(tiny_dir, calib_file=str(bad)), tmp_path / "o1")
+        engine.run(_cfg(tiny_dir, calib_file=str(bad)), tmp_path / "o1")
     with pytest.raises(UserInputError, match="--bits"):
-        run_quantization(_cfg(tiny_dir, bits=(2, 5)), tmp_path / "o2")
+        engine.run(_cfg(tiny_dir, bits=(2, 5)), tmp_path / "o2")
     with pytest.raises(UserInputError, match="--group-size"):
-        run_quantization(_cfg(tiny_dir, group_size=7), tmp_path / "o3")
+        engine.run(_cfg(tiny_dir, group_size=7), tmp_path / "o3")
     with pytest.raises(CalibrationDataError, match="does not exist"):
-        run_quantization(_cfg(tiny_dir, calib_file=str(tmp_path / "nope.txt")), tmp_path / "o4")
+        engine.run(_cfg(tiny_dir, calib_file=str(tmp_path / "nope.txt")), tmp_path / "o4")

@@ -12,7 +12,7 @@ from mopeq_core.data import read_texts, token_samples
 from mopeq_core.evaluate import mean_token_loss
 from mopeq_core.loader import load_quantized
 from mopeq_core.loading import load_tokenizer
-from mopeq_core.pipeline import run_quantization
+from mopeq_core import engine
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "mopeq-tiny-moe"
@@ -23,7 +23,7 @@ def _run(tmp: Path, quantizer: str) -> tuple[float, dict]:
     cfg = QuantizeConfig(model=str(MODEL), budget=Budget(avg_bits=2.5), quantizer=quantizer, group_size=64,
                          sensitivity="input-hessian", calib_samples=16, seq_len=128, eval_file=str(EVAL),
                          eval_samples=24)
-    result = run_quantization(cfg, tmp / quantizer)
+    result = engine.run(cfg, tmp / quantizer)
     model = load_quantized(tmp / quantizer)
     ev = token_samples(load_tokenizer(MODEL), read_texts(EVAL), 24, 128)
     return math.exp(mean_token_loss(model, ev)), result.report

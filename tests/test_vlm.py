@@ -5,7 +5,6 @@ about an image."""
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 import vlm_models as vm
 
-from mopeq_core import pipeline
+from mopeq_core import engine
 from mopeq_core.calibrate import calibrate
 from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.data import IGNORE_INDEX, SampleSet, load_samples, num_targets, read_records
@@ -34,9 +33,6 @@ from mopeq_core.sensitivity import SensitivityContext, compute_sensitivity
 
 CALIB = vm.VLM_DATA / "calib.jsonl"
 EVAL = vm.VLM_DATA / "eval.jsonl"
-PIPELINE_HAS_VLM = "load_samples" in inspect.getsource(pipeline.run_quantization)
-needs_vlm_pipeline = pytest.mark.skipif(
-    not PIPELINE_HAS_VLM, reason="mopeq_core/pipeline.py does not yet prepare image+text data (issue 6 diff)")
 
 BUILDERS = {"qwen3_vl_moe": (vm.build_qwen3_vl_moe, False),
             "deepseek_vl2_standin": (vm.build_deepseek_vl2_standin, True),
@@ -183,7 +179,6 @@ def test_standin_moe_blocks_route_like_the_originals(model_dirs):
 
 
 # ---- the whole pipeline ------------------------------------------------------------------------------------------
-@needs_vlm_pipeline
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_pipeline_quantizes_vlm_and_keeps_vision_exact(model_dirs, tmp_path, name):
     trust = BUILDERS[name][1]
@@ -191,7 +186,7 @@ def test_pipeline_quantizes_vlm_and_keeps_vision_exact(model_dirs, tmp_path, nam
     cfg = QuantizeConfig(model=str(src), budget=Budget(avg_bits=3.0), group_size=16, calib_samples=6, seq_len=32,
                          probes=2, sensitivity="hutchinson", quantizer="gptq", calib_file=str(CALIB),
                          eval_file=str(EVAL), eval_samples=4, trust_remote_code=trust)
-    result = pipeline.run_quantization(cfg, tmp_path)
+    result = engine.run(cfg, tmp_path)
     report, bitmap = result.report, result.bitmap
     assert report["modality"] == "image+text"
     cov = report["calibration"]  # every expert saw data: routed tokens, or all-token fallback statistics

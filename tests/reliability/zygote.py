@@ -31,7 +31,7 @@ def _preload() -> None:
     import transformers  # noqa: F401
     from transformers import MixtralForCausalLM, PreTrainedTokenizerFast  # noqa: F401
 
-    import mopeq_core.pipeline  # noqa: F401
+    import mopeq_core.engine  # noqa: F401
     from mopeq_core import (  # noqa: F401
         allocate,
         apply,
