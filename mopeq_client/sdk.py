@@ -25,7 +25,6 @@ import base64
 import binascii
 import dataclasses
 import datetime as dt
-import email.utils
 import hashlib
 import json
 import os
@@ -53,6 +52,7 @@ from mopeq_client.errors import (
     ValidationError,
     WaitTimeoutError,
     error_class,
+    parse_retry_after,
 )
 
 __version__ = "0.1.0"
@@ -515,24 +515,6 @@ class _Reporter:
 
 
 # ---- shared client logic --------------------------------------------------------------------------------------------------
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
-
-
 def _header_sha256(headers: httpx.Headers) -> str | None:
     """The SHA-256 the server announced: ``X-Checksum-SHA256`` (hex) or ``Repr-Digest: sha-256=:<base64>:``."""
     hexd = headers.get("x-checksum-sha256")

@@ -201,7 +201,7 @@ def _iso(t: dt.datetime | None) -> str:
 def payload_for(job: Job, event_type: str, watch_id: str | None) -> str:
     """The message body: ``{"type", "timestamp", "data": {"job": <GET /v1/jobs/{id}>, "watch_id", "links"}}``,
     minified JSON (the exact bytes that are signed)."""
-    from app.services.jobs import job_out
+    from app.services.job_view import job_out
 
     body = {"type": event_type, "timestamp": _iso(job.finished_at),
             "data": {"job": job_out(job).model_dump(mode="json"), "watch_id": watch_id,
