@@ -139,7 +139,7 @@ def test_short_numbers_and_range_tag():
 def _parse(command: str) -> dict:
     from typer.main import get_command
 
-    from mopeq_client.cli import app
+    from app.cli import app
 
     argv = shlex.split(command)
     assert argv[:2] == ["mopeq", "quantize"]
