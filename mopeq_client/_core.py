@@ -254,10 +254,12 @@ class Artifact(_Model):
 @dataclass
 class Watch(_Model):
     """A watch (``/v1/watches``): every new commit on the main branch of ``repo`` (or of an owner's repos matching
-    it) is quantized with ``template``. ``webhook_secret`` is set only on the answer to ``create_watch``."""
+    it) is quantized with ``template``; ``ref`` names other refs to follow instead: a branch, or tags and releases by
+    a glob (``refs/tags/*``). ``webhook_secret`` is set only on the answer to ``create_watch``."""
 
     id: str
     repo: str
+    ref: str | None = None
     template: dict[str, Any] | None = None
     target_repo: str | None = None
     private: bool | None = None
@@ -354,13 +356,14 @@ def job_body(model: str, *, revision: str | None = None, avg_bits: float | None 
 
 def watch_body(repo: str, *, template: dict[str, Any] | None = None, target_repo: str | None = None,
                private: bool | None = None, hf_token: str | None = None, webhook_url: str | None = None,
-               webhook_secret: str | None = None, **knobs: Any) -> dict[str, Any]:
-    """The ``POST /v1/watches`` body. ``knobs`` are those of :func:`job_body` (``avg_bits``, ``quantizer``,
-    ``eval_file``, ...) and fill the job template (``template`` given as a dict is merged under them)."""
+               webhook_secret: str | None = None, ref: str | None = None, **knobs: Any) -> dict[str, Any]:
+    """The ``POST /v1/watches`` body. ``ref``: the refs to follow (default ``refs/heads/main``; ``refs/tags/*`` for
+    every tag). ``knobs`` are those of :func:`job_body` (``avg_bits``, ``quantizer``, ``eval_file``, ...) and fill
+    the job template (``template`` given as a dict is merged under them)."""
     tmpl = dict(template or {})
     tmpl.update({k: v for k, v in job_body("-", **knobs).items() if k != "model"})
     body: dict[str, Any] = {"repo": repo, "template": tmpl}
-    for k, v in (("target_repo", target_repo), ("private", private), ("hf_token", hf_token)):
+    for k, v in (("ref", ref), ("target_repo", target_repo), ("private", private), ("hf_token", hf_token)):
         if v is not None:
             body[k] = v
     if webhook_url is not None:
