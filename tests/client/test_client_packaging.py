@@ -4,8 +4,13 @@ fresh virtual environment without torch."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from client_util import REPO
 
@@ -19,3 +24,66 @@ def test_sync_client_is_generated_from_the_async_one_and_current() -> None:
     code = [line for line in sync.splitlines() if line.lstrip().startswith(("def ", "async def ", "for ", "async for "))]
     assert code and not [line for line in code if "async" in line] and "await " not in sync
     assert "class MopeqClient(_Base)" in sync
+
+
+# Distributions the light client may pull in: httpx and its stack, httpx-sse, tenacity, typer and rich with theirs
+# (recent typer releases depend on pydantic).
+LIGHT = {"mopeq-client", "httpx", "httpcore", "h11", "anyio", "idna", "certifi", "sniffio", "typing-extensions",
+         "httpx-sse", "tenacity", "typer", "click", "rich", "shellingham", "markdown-it-py", "mdurl", "pygments",
+         "annotated-doc", "exceptiongroup", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+         "pip", "setuptools"}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def test_light_client_installs_in_a_fresh_venv_without_torch(tmp_path: Path) -> None:
+    """Build the mopeq-client wheel from client/, install it (with its dependencies, from the package index or the
+    local pip cache) into a new virtual environment, and use it there: `mopeq submit --help`, `mopeq jobs` against a
+    closed port (exit 5), `import mopeq_client`; torch and transformers are not importable. Prints size and time."""
+    src = tmp_path / "client"
+    shutil.copytree(REPO / "client", src, symlinks=False,  # client/mopeq_client is a link to the one source
+                    ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__"))
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+                    "-w", str(tmp_path / "dist")], check=True, timeout=300, capture_output=True)
+    build_s = time.monotonic() - t0
+    (wheel,) = (tmp_path / "dist").glob("mopeq_client-*.whl")
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py, bin_dir = venv / "bin" / "python", venv / "bin"
+    base = _dir_bytes(venv)
+    t0 = time.monotonic()
+    p = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)],
+                       capture_output=True, text=True, timeout=600, check=False)
+    install_s = time.monotonic() - t0
+    assert p.returncode == 0, p.stdout + p.stderr
+    added = _dir_bytes(venv) - base
+
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    names = {d["name"].lower().replace("_", "-") for d in json.loads(listed.stdout)}
+    assert names <= LIGHT, f"the light client pulled in more than httpx-level packages: {sorted(names - LIGHT)}"
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", MOPEQ_MAX_RETRIES="0")
+    helped = subprocess.run([str(bin_dir / "mopeq"), "submit", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert helped.returncode == 0 and "Submit a quantization job" in helped.stdout, helped.stdout + helped.stderr
+    down = subprocess.run([str(bin_dir / "mopeq"), "jobs", "--json", "--url", "http://127.0.0.1:9"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert down.returncode == 5 and json.loads(down.stdout)["error"]["code"] == "unreachable", down.stdout
+    code = ("import importlib.util, sys, mopeq_client\n"
+            "assert mopeq_client.__file__.startswith(sys.prefix), mopeq_client.__file__\n"
+            "for heavy in ('torch', 'transformers', 'numpy', 'mopeq_core', 'app', 'fastapi'):\n"
+            "    assert importlib.util.find_spec(heavy) is None, heavy\n"
+            "from mopeq_client import AsyncMopeqClient, MopeqClient\n"
+            "print(mopeq_client.__file__)\n")
+    used = subprocess.run([str(py), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert used.returncode == 0, used.stdout + used.stderr
+    print(f"\nmopeq-client light install: wheel {wheel.stat().st_size / 1e3:.0f} kB built in {build_s:.1f} s; "
+          f"pip install {install_s:.1f} s, {added / 1e6:.1f} MB added to a fresh venv, {len(names)} distributions: "
+          f"{', '.join(sorted(names))}")
