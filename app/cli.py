@@ -6,7 +6,6 @@ engine's ``mopeq quantize`` (in this process; imports torch lazily) and the serv
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -15,6 +14,7 @@ from rich.console import Console
 from app.cli_admin import app as admin_app
 from mopeq_client.cli import EXIT_CANCELLED, EXIT_INVALID, EXIT_JOB_FAILED, bitmap_table
 from mopeq_client.cli import app as remote_app
+from mopeq_client.cli import main as run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="MoPEQ: per-expert mixed-precision quantization of Mixture-of-Experts models.")
@@ -134,10 +134,7 @@ app.add_typer(admin_app, name="admin", help="Service administration (API keys)")
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run(app)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+import typer
+
 from mopeq_client.remote_cli import (
     EXIT_AUTH,
     EXIT_CANCELLED,
@@ -28,9 +30,10 @@ __all__ = ["EXIT_AUTH", "EXIT_CANCELLED", "EXIT_CHECKSUM", "EXIT_INVALID", "EXIT
            "EXIT_PPL_REGRESSION", "EXIT_TIMEOUT", "EXIT_UNREACHABLE", "app", "bitmap_table", "main"]
 
 
-def main() -> None:
+def main(command: typer.Typer | None = None) -> None:
+    """Run ``command`` (default: the light ``mopeq``); Ctrl-C exits 130."""
     try:
-        app()
+        (command or app)()
     except KeyboardInterrupt:
         sys.exit(130)
 
