@@ -87,3 +87,14 @@ def test_light_client_installs_in_a_fresh_venv_without_torch(tmp_path: Path) -> 
     print(f"\nmopeq-client light install: wheel {wheel.stat().st_size / 1e3:.0f} kB built in {build_s:.1f} s; "
           f"pip install {install_s:.1f} s, {added / 1e6:.1f} MB added to a fresh venv, {len(names)} distributions: "
           f"{', '.join(sorted(names))}")
+
+
+def test_the_full_distribution_has_every_dependency_of_the_light_one() -> None:
+    import tomllib
+
+    light = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    full = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert light["name"] == "mopeq-client" and light["version"] == full["version"]
+    assert set(light["dependencies"]) <= set(full["dependencies"])
+    assert (REPO / "client" / "mopeq_client").resolve() == (REPO / "mopeq_client").resolve()  # one source
+    assert light["scripts"]["mopeq"] == "mopeq_client.cli:main" and full["scripts"]["mopeq"] == "app.cli:main"
