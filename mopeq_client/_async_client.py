@@ -227,12 +227,13 @@ class AsyncMopeqClient(_Base):
         path = self._job_path(job_id, "/events")
         resp = await self._send("GET", path, stream=True, headers=headers, timeout=self._sse_timeout(read_timeout))
         last = str(last_event_id) if last_event_id is not None else None
+        retry: int | None = None  # the latest retry: field, as browsers keep it
         try:
             check_event_stream(resp, path)
             try:
                 async for sse in EventSource(resp).aiter_sse():
-                    last = sse.id or last
-                    ev = to_event(sse)
+                    last, retry = sse.id or last, sse.retry if sse.retry is not None else retry
+                    ev = to_event(sse, retry)
                     if ev is not None:
                         yield ev
                         if ev.event == "end":

@@ -409,6 +409,10 @@ class SSEDecoder:
         self._dec = _LineDecoder()
         self.retry: int | None = None
 
+    @property
+    def last_event_id(self) -> str | None:
+        return self._dec._last_event_id or None
+
     def feed(self, line: str) -> Event | None:
         sse = self._dec.decode(line.rstrip("\r\n"))
         if sse is None:
