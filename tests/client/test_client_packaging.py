@@ -4,6 +4,7 @@ fresh virtual environment without torch."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -98,3 +99,18 @@ def test_the_full_distribution_has_every_dependency_of_the_light_one() -> None:
     assert set(light["dependencies"]) <= set(full["dependencies"])
     assert (REPO / "client" / "mopeq_client").resolve() == (REPO / "mopeq_client").resolve()  # one source
     assert light["scripts"]["mopeq"] == "mopeq_client.cli:main" and full["scripts"]["mopeq"] == "app.cli:main"
+
+
+def test_the_full_mopeq_command_has_quantize_the_remote_commands_and_admin() -> None:
+    """`mopeq` of the full distribution (app/cli.py) = the light client's commands + quantize + admin, while the
+    client package itself assembles neither (it never imports app or mopeq_core)."""
+    code = ("import sys; from typer.main import get_command; import mopeq_client.cli as light\n"
+            "assert not any(m.split('.')[0] in ('app', 'mopeq_core', 'torch') for m in sys.modules), 'heavy import'\n"
+            "import app.cli as full\n"
+            "print(sorted(get_command(light.app).commands)); print(sorted(get_command(full.app).commands))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert p.returncode == 0, p.stderr
+    light, full = (set(ast.literal_eval(line)) for line in p.stdout.splitlines())
+    remote = {"submit", "status", "wait", "cancel", "bitmap", "estimate", "jobs", "download"}
+    assert light == remote and full == remote | {"quantize", "admin"}
