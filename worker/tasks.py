@@ -19,7 +19,7 @@ log = logging.getLogger("mopeq.worker")
 
 
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-                 max_retries=get_settings().TRANSIENT_RETRIES)
+             max_retries=get_settings().TRANSIENT_RETRIES)
 def run_job_task(self, job_id: str) -> str:
     ctx = get_context()
     if ctx.shutdown.is_set():
