@@ -64,12 +64,13 @@ def is_local_model(model: str) -> bool:
     return Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
 
 
-def hub_repo_id(name: Any) -> str | None:
-    """``name`` when it reads as a Hub repo id (``namespace/name``) and is not a path on this machine, else None."""
+def hub_repo_id(name: Any, namespaced: bool = True) -> str | None:
+    """``name`` when it reads as a Hub repo id (``namespace/name``; a bare legacy name such as ``gpt2`` too unless
+    ``namespaced``) and is not a path on this machine, else None."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if not isinstance(name, str) or name.count("/") != 1 or is_local_model(name):
+    if not isinstance(name, str) or name.count("/") > 1 or (namespaced and "/" not in name) or is_local_model(name):
         return None
     try:
         validate_repo_id(name)
@@ -81,8 +82,8 @@ def hub_repo_id(name: Any) -> str | None:
 def base_model_id(model: str, out_dir: Path | None = None) -> str | None:
     """The card's ``base_model``: the Hub repo the model came from; for a local model the ``_name_or_path`` of its
     config (then of the artifact's config) when that is a Hub repo id; None otherwise."""
-    if not is_local_model(model):
-        return hub_repo_id(model)
+    if not is_local_model(model):  # fetched from the Hub under this id
+        return hub_repo_id(model, namespaced=False)
     for cfg_path in (Path(model).expanduser() / "config.json", *([Path(out_dir) / "config.json"] if out_dir else [])):
         try:
             name = json.loads(cfg_path.read_text()).get("_name_or_path")

@@ -220,3 +220,11 @@ def test_card_of_a_hub_model_validates(tmp_path):
     text = build_card(tmp_path, make_bitmap(), make_report())
     data = _card_data(text)
     assert data.base_model == "org/tiny-moe" and data.library_name == "mopeq" and data.base_model_relation == "quantized"
+
+
+def test_base_model_of_hub_ids() -> None:
+    from mopeq_core.card import base_model_id
+
+    assert base_model_id("org/tiny-moe") == "org/tiny-moe" and base_model_id("gpt2") == "gpt2"  # fetched from the Hub
+    for path in ("/models/org/x", "./org-x", "~/x", "a/b/c", "org/bad..name"):
+        assert base_model_id(path) is None, path
