@@ -44,7 +44,7 @@ serve: $(STAMP)
 	$(VPY) -m app.serve
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mopeq_core mopeq_client app worker tests
+	$(VENV)/bin/ruff check mopeq_core mopeq_client app worker tests client
 
 bench: $(STAMP)
 	$(VPY) bench/bench_pipeline.py

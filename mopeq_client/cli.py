@@ -1,176 +1,39 @@
-"""The ``mopeq`` command: local quantization (``mopeq quantize``), remote service commands, and admin commands.
+"""The ``mopeq`` command of the light client distribution (``mopeq-client``, ``client/pyproject.toml``): the remote
+service commands (submit, status, wait, cancel, bitmap, estimate, jobs, download) and their exit codes. Needs httpx,
+typer and rich; never imports torch.
 
-Only ``quantize`` imports torch (lazily); remote commands need nothing but httpx.
+The full distribution's ``mopeq`` (``app/cli.py``) is this command plus the engine's ``quantize`` and the service's
+``admin`` commands; this package assembles neither.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import sys
-from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="MoPEQ: per-expert mixed-precision quantization of Mixture-of-Experts models.")
-console = Console(stderr=True)
+from mopeq_client.remote_cli import (
+    EXIT_AUTH,
+    EXIT_CANCELLED,
+    EXIT_CHECKSUM,
+    EXIT_INVALID,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_PPL_REGRESSION,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    app,
+    bitmap_table,
+)
+
+__all__ = ["EXIT_AUTH", "EXIT_CANCELLED", "EXIT_CHECKSUM", "EXIT_INVALID", "EXIT_JOB_FAILED", "EXIT_OK",
+           "EXIT_PPL_REGRESSION", "EXIT_TIMEOUT", "EXIT_UNREACHABLE", "app", "bitmap_table", "main"]
 
 
-@app.callback()
-def _root() -> None:
-    """MoPEQ: per-expert mixed-precision quantization of Mixture-of-Experts models."""
-
-# Exit codes shared by every command (documented in the README).
-EXIT_OK, EXIT_JOB_FAILED, EXIT_CANCELLED, EXIT_INVALID, EXIT_AUTH, EXIT_UNREACHABLE = 0, 1, 3, 2, 4, 5
-
-
-def parse_bits(text: str) -> tuple[int, ...]:
+def main(command: typer.Typer | None = None) -> None:
+    """Run ``command`` (default: the light ``mopeq``); Ctrl-C exits 130."""
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise typer.BadParameter("--bits takes a comma-separated list such as 2,3,4") from None
-
-
-def bitmap_table(bitmap: dict, title: str | None = None) -> Table:
-    """Layers × experts: bits (sensitivity rank in brackets)."""
-    width = max(len(layer["experts"]) for layer in bitmap["layers"])
-    t = Table(title=title or f"bit map — mean {bitmap['avg_bits']:.3f} bits, experts {bitmap['expert_bytes']:,} B")
-    t.add_column("layer", justify="right")
-    for e in range(width):
-        t.add_column(f"e{e}", justify="center")
-    t.add_column("mean", justify="right")
-    colors = {2: "red", 3: "yellow", 4: "green", 8: "cyan"}
-    for layer in bitmap["layers"]:
-        cells = [f"[{colors.get(x['bits'], 'white')}]{x['bits']}[/]" for x in layer["experts"]]
-        mean = sum(x["bits"] * x["params"] for x in layer["experts"]) / sum(x["params"] for x in layer["experts"])
-        t.add_row(str(layer["layer"]), *cells, *[""] * (width - len(cells)), f"{mean:.2f}")
-    return t
-
-
-@app.command()
-def quantize(
-    model: str = typer.Argument(..., help="Local model directory or Hub repo id"),
-    out: Path = typer.Option(..., "--out", help="Output directory"),
-    avg_bits: float | None = typer.Option(None, "--avg-bits", help="Mean bits per expert weight"),
-    budget_gb: float | None = typer.Option(None, "--budget-gb", help="Whole-model size budget in GB (1e9 B)"),
-    bits: str = typer.Option("2,3,4", "--bits"),
-    sensitivity: str = typer.Option("auto", "--sensitivity"),
-    allocator: str = typer.Option("knapsack", "--allocator"),
-    scope: str = typer.Option("model", "--scope"),
-    granularity: str = typer.Option("expert", "--granularity"),
-    quantizer: str = typer.Option("gptq", "--quantizer"),
-    cost: str = typer.Option("output", "--cost", help="Allocator error: output (tr(dW H dW^T), default) or weight"),
-    sequential: bool = typer.Option(True, "--sequential/--no-sequential",
-                                    help="GPTQ each layer from the outputs of the quantized layers before it"),
-    group_size: int = typer.Option(128, "--group-size"),
-    asymmetric: bool = typer.Option(False, "--asymmetric", help="Asymmetric (zero-point) quantization"),
-    act_order: bool = typer.Option(False, "--act-order", help="GPTQ columns in decreasing Hessian order"),
-    probes: int = typer.Option(64, "--probes", help="Maximum Hutchinson probes"),
-    probe_tol: float = typer.Option(0.02, "--probe-tol", help="Stop probing at this median relative std error"),
-    calib_file: Path | None = typer.Option(None, "--calib-file"),
-    calib_samples: int = typer.Option(32, "--calib-samples"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    calib_all_experts: bool = typer.Option(False, "--calib-all-experts",
-                                           help="Every token through every expert for statistics"),
-    eval_file: Path | None = typer.Option(None, "--eval-file"),
-    eval_samples: int = typer.Option(64, "--eval-samples"),
-    eval_suite: list[str] | None = typer.Option(
-        None, "--eval-suite", help="Evaluation suite run before and after, e.g. lm-eval:TASK (repeatable)"),
-    eval_suite_include: Path | None = typer.Option(None, "--eval-suite-include",
-                                                      help="Folder of custom task YAMLs"),
-    eval_suite_limit: int | None = typer.Option(None, "--eval-suite-limit", help="Examples per task"),
-    device: str = typer.Option("cpu", "--device"),
-    revision: str | None = typer.Option(None, "--revision"),
-    low_memory: bool = typer.Option(False, "--low-memory"),
-    fmt: str = typer.Option("mopeq", "--format"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    seed: int = typer.Option(0, "--seed"),
-    as_json: bool = typer.Option(False, "--json", help="Print the bit map as JSON instead of a table"),
-) -> None:
-    """Quantize MODEL in this process and write the artifact to --out."""
-    from mopeq_core.config import Budget, QuantizeConfig
-    from mopeq_core.errors import CancelledError, MopeqError, UserInputError
-
-    if avg_bits is not None and budget_gb is not None:
-        console.print("[red]give --avg-bits or --budget-gb, not both[/]")
-        raise typer.Exit(EXIT_INVALID)
-    budget = Budget(gb=budget_gb) if budget_gb is not None else Budget(avg_bits=avg_bits if avg_bits else 3.0)
-    import os
-
-    cfg = QuantizeConfig(
-        model=model, budget=budget, revision=revision, bits=parse_bits(bits), sensitivity=sensitivity,
-        allocator=allocator, scope=scope, granularity=granularity, quantizer=quantizer, cost=cost, sequential=sequential,
-        group_size=group_size,
-        symmetric=not asymmetric, act_order=act_order, probes=probes, probe_tol=probe_tol,
-        calib_file=str(calib_file) if calib_file else None, calib_samples=calib_samples, seq_len=seq_len,
-        calib_all_experts=calib_all_experts, eval_file=str(eval_file) if eval_file else None,
-        eval_samples=eval_samples, eval_suites=tuple(eval_suite or ()),
-        eval_suite_include=str(eval_suite_include) if eval_suite_include else None,
-        eval_suite_limit=eval_suite_limit, device=device, low_memory=low_memory, format=fmt,
-        trust_remote_code=trust_remote_code, seed=seed, token=os.environ.get("HF_TOKEN"))
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    try:
-        with Progress(TextColumn("[bold]{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                      TimeElapsedColumn(), console=console, transient=False) as bar:
-            tasks: dict[str, int] = {}
-
-            def on_event(ev) -> None:
-                if ev.stage not in tasks:
-                    tasks[ev.stage] = bar.add_task(ev.stage, total=1.0)
-                bar.update(tasks[ev.stage], completed=ev.progress)
-
-            from mopeq_core.engine import run
-
-            result = run(cfg, out, on_event=on_event)
-    except UserInputError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(EXIT_INVALID) from None
-    except CancelledError as exc:
-        console.print(f"[yellow]cancelled:[/] {exc}")
-        raise typer.Exit(EXIT_CANCELLED) from None
-    except MopeqError as exc:
-        console.print(f"[red]failed:[/] {exc}")
-        raise typer.Exit(EXIT_JOB_FAILED) from None
-    if as_json:
-        print(json.dumps(result.bitmap, indent=1))
-    else:
-        out_console = Console()
-        out_console.print(bitmap_table(result.bitmap))
-        ppl = result.report["perplexity"]
-        if ppl.get("fp_perplexity"):
-            out_console.print(f"perplexity: full precision {ppl['fp_perplexity']:.3f} → quantized "
-                              f"{ppl['quantized_perplexity']:.3f} ({ppl['increase_pct']:+.2f} %)")
-        out_console.print(f"sensitivity: {result.report['selected_sensitivity']}   "
-                          f"size: {result.bitmap['total_bytes']:,} B   artifact: {out}")
-
-
-def _mount_optional(module: str, attr: str, name: str, help_text: str) -> None:
-    """Sub-apps that live in other packages (remote commands, admin); absent ones are skipped."""
-    try:
-        sub = getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as exc:
-        # Only a missing package (e.g. the service not installed) is skipped; a broken module must be loud.
-        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
-            return
-        raise
-    if name:
-        app.add_typer(sub, name=name, help=help_text)
-    else:
-        for cmd in sub.registered_commands:
-            app.registered_commands.append(cmd)
-
-
-_mount_optional("mopeq_client.remote_cli", "app", "", "")
-_mount_optional("app.cli_admin", "app", "admin", "Service administration (API keys)")
-
-
-def main() -> None:
-    try:
-        app()
+        (command or app)()
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -8,6 +8,8 @@ body the API returns). Connection failures are :class:`ServiceUnreachableError`.
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 from typing import Any
 
 
@@ -54,8 +56,6 @@ class RateLimitError(MopeqAPIError):
 
     @property
     def retry_after(self) -> float | None:
-        from mopeq_client.sdk import parse_retry_after
-
         return parse_retry_after(self.headers.get("retry-after"))
 
 
@@ -92,6 +92,24 @@ class StreamError(MopeqError):
     """The event stream could not be opened or read (not ``text/event-stream``, cut off, malformed)."""
 
 
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
 _BY_STATUS: dict[int, type[MopeqAPIError]] = {
     400: ValidationError, 401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError,
     409: ConflictError, 413: ValidationError, 422: ValidationError, 429: RateLimitError,
@@ -109,5 +127,5 @@ def error_class(status: int) -> type[MopeqAPIError]:
 __all__ = [
     "AuthenticationError", "ChecksumError", "ConflictError", "MopeqAPIError", "MopeqError", "NotFoundError",
     "RateLimitError", "ServerError", "ServiceUnreachableError", "StreamError", "ValidationError",
-    "WaitTimeoutError", "error_class",
+    "WaitTimeoutError", "error_class", "parse_retry_after",
 ]

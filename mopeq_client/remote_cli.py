@@ -1,5 +1,6 @@
 """Remote commands of ``mopeq`` (the service over HTTP): submit, status, wait, cancel, bitmap, estimate, jobs,
-download. ``mopeq_client/cli.py`` mounts ``app.registered_commands`` into the top-level command.
+download. ``mopeq_client/cli.py`` is the light distribution's ``mopeq`` (these commands alone); the full
+distribution's ``mopeq`` (``app/cli.py``) adds ``quantize`` and ``admin``.
 
 Every command takes ``--url`` / ``--api-key`` (else ``MOPEQ_URL`` / ``MOPEQ_API_KEY``) and ``--json`` for
 machine-readable output on stdout (messages and progress go to stderr). Exit codes (for CI):
@@ -41,17 +42,27 @@ from mopeq_client.sdk import Job, MopeqClient, bitmap_rows
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MoPEQ service commands (remote).")
 err = Console(stderr=True, highlight=False)
 
-# Codes of this module on top of those mopeq_client/cli.py defines (0..5).
+# Exit codes of every `mopeq` command (documented in the README and docs/SDK.md); mopeq_client.cli re-exports them.
+EXIT_OK, EXIT_JOB_FAILED, EXIT_CANCELLED, EXIT_INVALID, EXIT_AUTH, EXIT_UNREACHABLE = 0, 1, 3, 2, 4, 5
 EXIT_PPL_REGRESSION = 6
 EXIT_CHECKSUM = 7
 EXIT_TIMEOUT = 8
 
 
-def _codes() -> Any:
-    """mopeq_client.cli holds the shared exit codes; imported lazily because it imports this module."""
-    from mopeq_client import cli
-
-    return cli
+def bitmap_table(bitmap: dict, title: str | None = None) -> Table:
+    """Layers × experts: bits (sensitivity rank in brackets)."""
+    width = max(len(layer["experts"]) for layer in bitmap["layers"])
+    t = Table(title=title or f"bit map — mean {bitmap['avg_bits']:.3f} bits, experts {bitmap['expert_bytes']:,} B")
+    t.add_column("layer", justify="right")
+    for e in range(width):
+        t.add_column(f"e{e}", justify="center")
+    t.add_column("mean", justify="right")
+    colors = {2: "red", 3: "yellow", 4: "green", 8: "cyan"}
+    for layer in bitmap["layers"]:
+        cells = [f"[{colors.get(x['bits'], 'white')}]{x['bits']}[/]" for x in layer["experts"]]
+        mean = sum(x["bits"] * x["params"] for x in layer["experts"]) / sum(x["params"] for x in layer["experts"])
+        t.add_row(str(layer["layer"]), *cells, *[""] * (width - len(cells)), f"{mean:.2f}")
+    return t
 
 
 # ---- shared options ---------------------------------------------------------------------------------------------------
@@ -87,43 +98,41 @@ def _fail(exit_code: int, message: str, as_json: bool, **extra: Any) -> None:
 @contextlib.contextmanager
 def _errors(as_json: bool) -> Iterator[None]:
     """SDK exceptions → messages and exit codes."""
-    c = _codes()
     try:
         yield
     except AuthenticationError as exc:
-        _fail(c.EXIT_AUTH, f"{exc.detail} (HTTP {exc.status}; check --api-key / MOPEQ_API_KEY)", as_json,
+        _fail(EXIT_AUTH, f"{exc.detail} (HTTP {exc.status}; check --api-key / MOPEQ_API_KEY)", as_json,
               status=exc.status, code=exc.code)
     except ServiceUnreachableError as exc:
-        _fail(c.EXIT_UNREACHABLE, str(exc), as_json, code="unreachable")
+        _fail(EXIT_UNREACHABLE, str(exc), as_json, code="unreachable")
     except (RateLimitError, ServerError) as exc:
-        _fail(c.EXIT_UNREACHABLE, f"the service is unavailable: {exc.detail} (HTTP {exc.status}, after retries)",
+        _fail(EXIT_UNREACHABLE, f"the service is unavailable: {exc.detail} (HTTP {exc.status}, after retries)",
               as_json, status=exc.status, code=exc.code)
     except MopeqAPIError as exc:  # 400 404 409 413 422 and other 4xx
         extra = {"feasible": exc.body["feasible"]} if exc.body.get("feasible") else {}
-        _fail(c.EXIT_INVALID, f"{exc.detail} (HTTP {exc.status}{', ' + exc.code if exc.code else ''})", as_json,
+        _fail(EXIT_INVALID, f"{exc.detail} (HTTP {exc.status}{', ' + exc.code if exc.code else ''})", as_json,
               status=exc.status, code=exc.code, **extra)
     except ChecksumError as exc:
         _fail(EXIT_CHECKSUM, str(exc), as_json, code="checksum_mismatch")
     except WaitTimeoutError as exc:
         _fail(EXIT_TIMEOUT, str(exc), as_json, code="timeout", job=exc.job.raw if exc.job is not None else None)
     except MopeqError as exc:
-        _fail(c.EXIT_UNREACHABLE, str(exc), as_json, code="stream")
+        _fail(EXIT_UNREACHABLE, str(exc), as_json, code="stream")
 
 
 # ---- job outcome -------------------------------------------------------------------------------------------------------
 def outcome(job: Job, max_ppl_increase: float | None = None) -> dict[str, Any]:
     """The exit code and reason for a final job (and the perplexity gate when asked for)."""
-    c = _codes()
     out: dict[str, Any] = {"status": job.status, "ppl_increase_pct": job.ppl_increase_pct,
                            "max_ppl_increase": max_ppl_increase}
     if job.status == "failed":
-        out.update(exit_code=c.EXIT_JOB_FAILED, reason=f"job failed: {job.error or job.error_code or 'unknown'}")
+        out.update(exit_code=EXIT_JOB_FAILED, reason=f"job failed: {job.error or job.error_code or 'unknown'}")
     elif job.status == "cancelled":
-        out.update(exit_code=c.EXIT_CANCELLED, reason=f"job cancelled: {job.error or 'by the user'}")
+        out.update(exit_code=EXIT_CANCELLED, reason=f"job cancelled: {job.error or 'by the user'}")
     elif job.status != "succeeded":
-        out.update(exit_code=c.EXIT_JOB_FAILED, reason=f"job is {job.status}, not finished")
+        out.update(exit_code=EXIT_JOB_FAILED, reason=f"job is {job.status}, not finished")
     elif max_ppl_increase is None:
-        out.update(exit_code=c.EXIT_OK, reason="job succeeded")
+        out.update(exit_code=EXIT_OK, reason="job succeeded")
     elif job.ppl_increase_pct is None:
         out.update(exit_code=EXIT_PPL_REGRESSION,
                    reason="--max-ppl-increase: the job measured no perplexity, so no regression check is possible "
@@ -132,7 +141,7 @@ def outcome(job: Job, max_ppl_increase: float | None = None) -> dict[str, Any]:
         out.update(exit_code=EXIT_PPL_REGRESSION,
                    reason=f"perplexity regression: +{job.ppl_increase_pct:.3f} % > allowed {max_ppl_increase:g} %")
     else:
-        out.update(exit_code=c.EXIT_OK,
+        out.update(exit_code=EXIT_OK,
                    reason=f"job succeeded; perplexity {job.ppl_increase_pct:+.3f} % within {max_ppl_increase:g} %")
     return out
 
@@ -181,7 +190,7 @@ def _finish(client: MopeqClient, job_id: str, *, progress: bool, timeout: float 
     else:
         _print_job(job)
     code = res["exit_code"]
-    if code != _codes().EXIT_OK:
+    if code != EXIT_OK:
         err.print(f"[red]{res['reason']}[/]")
     elif max_ppl_increase is not None:
         err.print(res["reason"])
@@ -233,13 +242,12 @@ def submit(
     api_key: ApiKey = None,
 ) -> None:
     """Submit a quantization job to the service (optionally wait for it)."""
-    c = _codes()
     if avg_bits is not None and budget_gb is not None:
-        _fail(c.EXIT_INVALID, "give --avg-bits or --budget-gb, not both", as_json, code="invalid_input")
+        _fail(EXIT_INVALID, "give --avg-bits or --budget-gb, not both", as_json, code="invalid_input")
     try:
         bit_list = [int(x) for x in bits.split(",") if x.strip()] if bits else None
     except ValueError:
-        _fail(c.EXIT_INVALID, "--bits takes a comma-separated list such as 2,3,4", as_json, code="invalid_input")
+        _fail(EXIT_INVALID, "--bits takes a comma-separated list such as 2,3,4", as_json, code="invalid_input")
     if max_ppl_increase is not None and not wait:
         wait = True
         err.print("--max-ppl-increase implies --wait")
@@ -261,7 +269,7 @@ def submit(
                 _out(job.raw)
             else:
                 _print_job(job)
-            raise typer.Exit(c.EXIT_OK)
+            raise typer.Exit(EXIT_OK)
         err.print(f"submitted job {job.id}")
         _finish(client, job.id, progress=not no_progress, timeout=timeout, max_ppl_increase=max_ppl_increase,
                 as_json=as_json)
@@ -320,7 +328,7 @@ def bitmap(job_id: Annotated[str, typer.Argument(metavar="ID")],
         w.writerows(bitmap_rows(bm))
         sys.stdout.write(buf.getvalue())
     else:
-        Console().print(_codes().bitmap_table(bm, title=f"job {job_id}: mean {bm.get('avg_bits', 0):.3f} bits"))
+        Console().print(bitmap_table(bm, title=f"job {job_id}: mean {bm.get('avg_bits', 0):.3f} bits"))
 
 
 @app.command()
@@ -334,11 +342,10 @@ def estimate(
     as_json: AsJson = False, url: Url = None, api_key: ApiKey = None,
 ) -> None:
     """Size a model and its feasible budget range (headers only); exit 2 when a given budget is infeasible."""
-    c = _codes()
     try:
         bit_list = [int(x) for x in bits.split(",") if x.strip()] if bits else None
     except ValueError:
-        _fail(c.EXIT_INVALID, "--bits takes a comma-separated list such as 2,3,4", as_json, code="invalid_input")
+        _fail(EXIT_INVALID, "--bits takes a comma-separated list such as 2,3,4", as_json, code="invalid_input")
     with _errors(as_json), _client(url, api_key) as client:
         est = client.estimate(model, revision=revision, bits=bit_list, group_size=group_size, avg_bits=avg_bits,
                               budget_gb=budget_gb)
@@ -356,7 +363,7 @@ def estimate(
         if est.budget_feasible is not None:
             out.print(f"budget: {'feasible' if est.budget_feasible else '[red]infeasible[/]'} — {est.budget_message}")
     if est.budget_feasible is False:
-        raise typer.Exit(c.EXIT_INVALID)
+        raise typer.Exit(EXIT_INVALID)
 
 
 @app.command()
@@ -367,12 +374,11 @@ def jobs(status_: Annotated[str | None, typer.Option("--status", help="queued|ru
          offset: Annotated[int, typer.Option("--offset")] = 0,
          as_json: AsJson = False, url: Url = None, api_key: ApiKey = None) -> None:
     """List your jobs, newest first."""
-    c = _codes()
     with _errors(as_json), _client(url, api_key) as client:
         try:
             page = client.list(status=status_, model=model, limit=limit, offset=offset)
         except ValueError as exc:
-            _fail(c.EXIT_INVALID, str(exc), as_json, code="invalid_input")
+            _fail(EXIT_INVALID, str(exc), as_json, code="invalid_input")
     if as_json:
         _out(page.raw)
         return

@@ -1,8 +1,11 @@
 """The model card (README.md) of a quantized artifact, and its bit-map heatmap (bitmap.png).
 
 ``write_model_card(out_dir, bitmap, report) -> list[Path]`` is called by the pipeline's export stage once
-``bitmap.json`` and ``report.json`` exist. The card has Hugging Face YAML front matter (``base_model``,
-``base_model_relation: quantized``, ``library_name``, ``tags``, ``pipeline_tag``) and then: size before and after,
+``bitmap.json`` and ``report.json`` exist. The card is a ``huggingface_hub.ModelCard`` whose metadata is a
+``ModelCardData`` (``base_model``, ``base_model_relation: quantized``, ``library_name``, ``tags``, ``pipeline_tag``).
+``base_model`` is a Hub repo id, never a path: the repo the model was fetched from, or for a local model the
+``_name_or_path`` of its config when that names a Hub repo; otherwise it is left out (and so is the relation).
+The card shows no filesystem path of the machine that made it. Then: size before and after,
 mean bits, a histogram of widths, per-layer mean widths, the heatmap, perplexity before and after, the sensitivity
 method (with the auto candidates' hold-out losses), allocator, quantizer, calibration data, package versions, the exact
 ``mopeq quantize`` command that reproduces the artifact and how to load it.
@@ -56,8 +59,46 @@ def human_bytes(n: float | None) -> str:
     return f"{int(n)} B"
 
 
-def _yaml_str(s: Any) -> str:
-    return json.dumps(str(s))  # a JSON string is a valid YAML double-quoted scalar
+def is_local_model(model: str) -> bool:
+    """The same rule as ``loading.resolve_model``: an existing path, or one that starts like a path."""
+    return Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
+
+
+def hub_repo_id(name: Any, namespaced: bool = True) -> str | None:
+    """``name`` when it reads as a Hub repo id (``namespace/name``; a bare legacy name such as ``gpt2`` too unless
+    ``namespaced``) and is not a path on this machine, else None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") > 1 or (namespaced and "/" not in name) or is_local_model(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def base_model_id(model: str, out_dir: Path | None = None) -> str | None:
+    """The card's ``base_model``: the Hub repo the model came from; for a local model the ``_name_or_path`` of its
+    config (then of the artifact's config) when that is a Hub repo id; None otherwise."""
+    if not is_local_model(model):  # fetched from the Hub under this id
+        return hub_repo_id(model, namespaced=False)
+    for cfg_path in (Path(model).expanduser() / "config.json", *([Path(out_dir) / "config.json"] if out_dir else [])):
+        try:
+            name = json.loads(cfg_path.read_text()).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if hub_repo_id(name):
+            return name
+    return None
+
+
+def _shown(path: Any) -> Any:
+    """A data file as the card shows it: absolute (machine) paths by their file name only."""
+    if isinstance(path, str) and (path.startswith(("/", "~")) or Path(path).is_absolute()):
+        return Path(path).name
+    return path
 
 
 def _widths(bitmap: dict) -> list[int]:
@@ -312,18 +353,14 @@ def build_card(out_dir: Path, bitmap: dict, report: dict, heatmap: str | None = 
     ppl = report.get("perplexity") or {}
     sens_desc = bitmap.get("sensitivity") or {}
     alloc = bitmap.get("allocation") or {}
-    model_id = str(bitmap.get("model") or cfg.get("model"))
-    tags = ["mopeq", "moe", "mixed-precision", bit_range_tag(widths)]
-    if fmt in ("compressed-tensors", "gptq"):
-        tags.append(fmt)
-    lines = ["---", f"base_model: {_yaml_str(model_id)}", "base_model_relation: quantized",
-             f"library_name: {LOADERS.get(fmt, 'transformers')}", "tags:"]
-    lines += [f"- {_yaml_str(t)}" for t in tags]
-    lines += [f"pipeline_tag: {_pipeline_tag(out_dir)}", "---", ""]
-
+    source = str(bitmap.get("model") or cfg.get("model"))
+    base = base_model_id(source, out_dir)
+    local = is_local_model(source)
+    # a local model without a Hub id is named by its directory (./NAME in the reproduce command), never its path
+    model_id = base or (Path(source).expanduser().name if local else source)
     name = model_id.rstrip("/").rsplit("/", 1)[-1]
     avg = bitmap.get("avg_bits")
-    lines += [f"# {name} — MoPEQ, {avg:.2f} bits per expert weight" if avg is not None else f"# {name} — MoPEQ",
+    lines = [f"# {name} — MoPEQ, {avg:.2f} bits per expert weight" if avg is not None else f"# {name} — MoPEQ",
               "",
               f"Routed experts of `{model_id}`" + (f" (revision `{bitmap['revision']}`)" if bitmap.get("revision")
                                                    else "")
@@ -392,7 +429,7 @@ def build_card(out_dir: Path, bitmap: dict, report: dict, heatmap: str | None = 
             ["full precision", _fmt_float(ppl["fp_perplexity"])],
             ["quantized (this artifact)", _fmt_float(ppl["quantized_perplexity"])],
             ["change", f"{inc:+.2f} %" if inc is not None else "n/a"]])
-        lines += ["", (f"Measured on `{ppl.get('eval_file')}` ({ppl.get('eval_tokens', 'n/a')} predicted tokens, "
+        lines += ["", (f"Measured on `{_shown(ppl.get('eval_file'))}` ({ppl.get('eval_tokens', 'n/a')} predicted tokens, "
                   f"{cfg.get('seq_len')}-token windows).")]
     else:
         lines += ["Not measured (the run had no `--eval-file`)."]
@@ -441,7 +478,7 @@ def build_card(out_dir: Path, bitmap: dict, report: dict, heatmap: str | None = 
                  f"{bitmap.get('group_size', cfg.get('group_size'))}, "
                  f"{'symmetric' if bitmap.get('symmetric', cfg.get('symmetric', True)) else 'asymmetric'}"
                  + (", act-order" if cfg.get("act_order") else ""))
-    calib = f"`{cfg['calib_file']}`" if cfg.get("calib_file") else DEFAULT_CALIB_DESC
+    calib = f"`{_shown(cfg['calib_file'])}`" if cfg.get("calib_file") else DEFAULT_CALIB_DESC
     cov = report.get("calibration") or {}
     c_line = (f"- **Calibration data**: {calib}, {cfg.get('calib_samples')} samples x {cfg.get('seq_len')} tokens")
     if cov.get("experts"):
@@ -457,15 +494,40 @@ def build_card(out_dir: Path, bitmap: dict, report: dict, heatmap: str | None = 
     # versions, reproduce, load ---------------------------------------------------------------------------------
     lines += ["## Package versions", ""]
     lines += _table(["package", "version"], [[k, v] for k, v in package_versions(report).items()])
+    shown_cfg = {**cfg, "model": f"./{Path(source).expanduser().name}" if local else model_id,
+                 "calib_file": _shown(cfg.get("calib_file")), "eval_file": _shown(cfg.get("eval_file"))}
     lines += ["", "## Reproduce", "", "```bash",
-              reproduce_command(cfg, out_dir, report.get("revision")) if cfg else "# configuration not recorded",
-              "```", ""]
+              reproduce_command(shown_cfg, Path(out_dir).name, report.get("revision")) if cfg
+              else "# configuration not recorded", "```", ""]
+    if local and cfg:
+        lines += [f"(`{shown_cfg['model']}`: the local model directory the run read; data files by their names.)",
+                  ""]
     if cfg.get("allow_pickle"):
         lines += ["(The run also allowed pickle checkpoints, which the CLI does not offer.)", ""]
     lines += ["## How to load", ""] + _load_section(fmt, out_dir) + [""]
     lines += [("`bitmap.json` holds the per-expert widths, sensitivities and routing frequencies; `report.json` the "
               "full run report."), ""]
-    return "\n".join(lines)
+    return str(model_card(out_dir, fmt, widths, base, lines))
+
+
+def card_data(out_dir: Path, fmt: str, widths: list[int], base: str | None):
+    """The card's metadata, validated by ``huggingface_hub.ModelCardData``."""
+    from huggingface_hub import ModelCardData
+
+    tags = ["mopeq", "moe", "mixed-precision", bit_range_tag(widths)]
+    if fmt in ("compressed-tensors", "gptq"):
+        tags.append(fmt)
+    return ModelCardData(base_model=base, base_model_relation="quantized" if base else None,
+                         library_name=LOADERS.get(fmt, "transformers"), tags=tags,
+                         pipeline_tag=_pipeline_tag(out_dir))
+
+
+def model_card(out_dir: Path, fmt: str, widths: list[int], base: str | None, body: list[str]):
+    """A ``huggingface_hub.ModelCard``: the metadata as YAML front matter, then the body."""
+    from huggingface_hub import ModelCard
+
+    data = card_data(out_dir, fmt, widths, base)
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body))
 
 
 def write_model_card(out_dir: Path, bitmap: dict, report: dict) -> list[Path]:

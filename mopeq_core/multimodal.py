@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .data import IGNORE_INDEX, SampleSet
 from .errors import CalibrationDataError
+from .samples import IGNORE_INDEX, SampleSet
 
 log = logging.getLogger(__name__)
 

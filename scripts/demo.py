@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def run_local(args) -> int:
-    cmd = [sys.executable, "-m", "mopeq_client.cli", "quantize", str(REPO / "models" / MODEL),
+    cmd = [sys.executable, "-m", "app.cli", "quantize", str(REPO / "models" / MODEL),
            "--out", str(REPO / "out" / "demo-local"), "--avg-bits", str(args.avg_bits),
            "--sensitivity", args.sensitivity, "--group-size", str(KNOBS["group_size"]),
            "--calib-samples", str(KNOBS["calib_samples"]), "--seq-len", str(KNOBS["seq_len"]),

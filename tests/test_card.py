@@ -107,7 +107,8 @@ def test_card_without_perplexity_and_with_engine_format(tmp_path):
     text = build_card(tmp_path, bitmap, report)
     fm = front_matter(text)
     assert fm["library_name"] == "transformers" and "compressed-tensors" in fm["tags"] and "4bit" in fm["tags"]
-    assert fm["base_model"] == "/models/local-moe"
+    assert "base_model" not in fm and "base_model_relation" not in fm  # a path is never a base_model
+    assert "/models/local-moe" not in text and "local-moe" in text
     assert "Not measured" in text and "`data/calib.jsonl`" in text
     assert "AutoModelForCausalLM.from_pretrained" in text
 
@@ -139,7 +140,7 @@ def test_short_numbers_and_range_tag():
 def _parse(command: str) -> dict:
     from typer.main import get_command
 
-    from mopeq_client.cli import app
+    from app.cli import app
 
     argv = shlex.split(command)
     assert argv[:2] == ["mopeq", "quantize"]
@@ -177,3 +178,53 @@ def test_reproduce_pins_the_resolved_revision():
     cfg = QuantizeConfig(model="org/tiny-moe").to_public_dict()
     args = reproduce_args(cfg, "o", revision="0123abcd")
     assert args[args.index("--revision") + 1] == "0123abcd"
+
+
+def _card_data(text: str):
+    """The front matter through huggingface_hub: ModelCard parses it, ModelCardData validates it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = ModelCard(text)
+    data = ModelCardData(**front_matter(text))
+    assert card.data.to_dict() == data.to_dict()
+    return data
+
+
+@pytest.mark.parametrize("name_or_path, expected", [
+    ("upstream-org/Mixtral-tiny", "upstream-org/Mixtral-tiny"),  # a local copy of a Hub repo: that repo
+    (None, None),  # a local path (the config's own folder): no base_model
+    ("just-a-name", None),  # no namespace: not taken for a repo id
+])
+def test_card_of_a_local_model_names_a_hub_repo_or_nothing_and_no_path(tmp_path, name_or_path, expected):
+    import json
+
+    model_dir = tmp_path / "models" / "my-local-moe"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps(
+        {"_name_or_path": name_or_path or str(model_dir), "architectures": ["MixtralForCausalLM"]}))
+    out = tmp_path / "artifacts" / "run1"
+    calib = tmp_path / "data" / "calib.txt"
+    report = make_report(calib_file=str(calib))
+    report["config"]["model"] = report["model"] = str(model_dir)
+    report["perplexity"]["eval_file"] = str(tmp_path / "data" / "eval.txt")
+    write_model_card(out, make_bitmap(model=str(model_dir)), report)
+    text = (out / "README.md").read_text()
+    data = _card_data(text)
+    assert data.base_model == expected
+    assert (data.to_dict().get("base_model_relation") == "quantized") is (expected is not None)
+    assert str(tmp_path) not in text  # no path of this machine anywhere in the card
+    assert "mopeq quantize ./my-local-moe --out run1" in text and "`calib.txt`" in text
+
+
+def test_card_of_a_hub_model_validates(tmp_path):
+    text = build_card(tmp_path, make_bitmap(), make_report())
+    data = _card_data(text)
+    assert data.base_model == "org/tiny-moe" and data.library_name == "mopeq" and data.base_model_relation == "quantized"
+
+
+def test_base_model_of_hub_ids() -> None:
+    from mopeq_core.card import base_model_id
+
+    assert base_model_id("org/tiny-moe") == "org/tiny-moe" and base_model_id("gpt2") == "gpt2"  # fetched from the Hub
+    for path in ("/models/org/x", "./org-x", "~/x", "a/b/c", "org/bad..name"):
+        assert base_model_id(path) is None, path

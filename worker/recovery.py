@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import os
 import shutil
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from sqlalchemy import and_, false, or_, select, update
 
@@ -19,8 +19,16 @@ from app.core.celery_conf import enqueue
 from app.db.models import Job, Worker, utcnow
 from app.services.events import add_event
 
-if TYPE_CHECKING:
-    from worker.context import WorkerContext
+
+class WorkerContext(Protocol):
+    """What recovery needs of ``worker.context.WorkerContext`` (named here, not imported: the context runs the
+    periodic sweep, so importing it back would close an import circle)."""
+
+    settings: Any
+    factory: Any
+    worker_id: str
+    hostname: str
+    celery: Any
 
 log = logging.getLogger("mopeq.worker")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from celery import shared_task
 from celery.exceptions import Reject
 from sqlalchemy import update
 
@@ -11,15 +12,14 @@ from app.core.celery_conf import TASK_NAME
 from app.core.config import get_settings
 from app.db.models import Job, utcnow
 from app.services.events import add_event
-from worker.celery_app import celery_app
 from worker.context import get_context
 from worker.runner import TransientError, run_job
 
 log = logging.getLogger("mopeq.worker")
 
 
-@celery_app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-                 max_retries=get_settings().TRANSIENT_RETRIES)
+@shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+             max_retries=get_settings().TRANSIENT_RETRIES)
 def run_job_task(self, job_id: str) -> str:
     ctx = get_context()
     if ctx.shutdown.is_set():

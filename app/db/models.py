@@ -225,7 +225,8 @@ class Worker(Base):
 
 # ---- watches (quantize new Hub commits) and outgoing webhooks (migration 0002) ------------------------------------
 class Watch(Base):
-    """A Hub repo (or an owner's repos by glob) whose new commits on main each get a job from ``template``."""
+    """A Hub repo (or an owner's repos by glob) whose new commits on main (or on the refs ``ref_pattern`` names: a
+    branch, or tags by glob) each get a job from ``template``."""
 
     __tablename__ = "watches"
     __table_args__ = (Index("ix_watches_owner_created", "owner_key_id", "created_at"),)
@@ -233,6 +234,9 @@ class Watch(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
     repo: Mapped[str] = mapped_column(String(200))  # "org/name", or "org/<glob>" such as "org/*-MoE*"
+    # the refs that make jobs: "refs/heads/main", another branch, or tags by glob ("refs/tags/*")
+    ref_pattern: Mapped[str] = mapped_column(String(200), default="refs/heads/main",
+                                             server_default="refs/heads/main")
     template: Mapped[dict[str, Any]] = mapped_column(JSON)  # the job knobs (POST /v1/jobs without model/revision)
     target_repo: Mapped[str | None] = mapped_column(String(300), nullable=True)  # push naming rule
     push_private: Mapped[bool] = mapped_column(Boolean, default=True)

@@ -1,4 +1,5 @@
-"""Watches: quantize every new commit on a Hub repo's main branch with a job template."""
+"""Watches: quantize every new commit on a Hub repo's main branch (or on the branch or tags a watch follows) with a
+job template."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from app.schemas.webhooks import WebhookIn, WebhookOut
 
 # "org/name", or an owner's repos by a glob on the name ("org/*-MoE*"); the owner is always literal.
 REPO_GLOB_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9._*?\[\]!-]{1,96}$"
+# The refs a watch follows: a branch or tags, by a glob on the full ref name ("refs/tags/*", "refs/tags/v*").
+REF_PATTERN = r"^refs/(heads|tags)/[A-Za-z0-9._/*?\[\]!-]{1,180}$"
+MAIN_REF = "refs/heads/main"
 TEMPLATE_EXCLUDED = ("model", "revision", "push", "hf_token", "webhook")
 
 # The knobs of POST /v1/jobs, field for field (same types, defaults and limits), without what a watch sets itself.
@@ -26,6 +30,9 @@ class WatchCreate(Strict):
     repo: str = Field(pattern=REPO_GLOB_PATTERN, max_length=200,
                       description="A Hub model repo 'org/name', or an owner's repos by a glob on the name, "
                                   "e.g. 'org/*-MoE*' (case-insensitive)")
+    ref: str = Field(MAIN_REF, pattern=REF_PATTERN, max_length=200,
+                     description="The refs whose updates make jobs: a branch ('refs/heads/main', the default) or tags "
+                                 "and releases by a glob on the full ref name ('refs/tags/*', 'refs/tags/v*')")
     template: JobTemplate = Field(default_factory=JobTemplate,  # type: ignore[valid-type]
                                   description="The job each new commit gets (the knobs of POST /v1/jobs)")
     target_repo: str | None = Field(None, min_length=3, max_length=300,
@@ -44,6 +51,7 @@ class WatchOut(BaseModel):
     id: str
     owner_key_id: str
     repo: str
+    ref: str
     template: dict[str, Any]
     target_repo: str | None
     private: bool

@@ -1,4 +1,5 @@
-"""Watches and the Hub's webhook: every new commit on the main branch of a watched Hub repo gets one job, pinned to
+"""Watches and the Hub's webhook: every new commit on the main branch of a watched Hub repo (or on the refs the
+watch follows: another branch, or tags and releases by a glob such as ``refs/tags/*``) gets one job, pinned to
 that commit, made from the watch's template. The (watch, repo, commit) unique constraint of ``watch_triggers``
 is written in the job's own transaction, so a retried or concurrent delivery finds the first job instead of making
 a second one."""
@@ -22,7 +23,7 @@ from app.core.config import Settings
 from app.core.security import Keyring
 from app.db.models import ApiKey, Job, JobWebhook, Watch, WatchTrigger, utcnow
 from app.schemas.jobs import REPO_PATTERN, JobCreate, PushIn
-from app.schemas.watches import WatchCreate, WatchCreated, WatchOut
+from app.schemas.watches import MAIN_REF, WatchCreate, WatchCreated, WatchOut
 from app.schemas.webhooks import HubError, HubHookOut, HubPayload, HubTriggered, WebhookOut
 from app.services import jobs as job_svc
 from app.services import webhooks as webhook_svc
@@ -31,7 +32,6 @@ from app.services.jobs import Principal
 
 log = logging.getLogger("mopeq.api")
 
-MAIN_REF = "refs/heads/main"
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 TARGET_FIELDS = ("owner", "name", "bits", "sha", "short_sha")
 GLOB_CHARS = set("*?[")
@@ -71,7 +71,8 @@ def render_target(rule: str, *, repo: str, sha: str, avg_bits: float | None) -> 
 
 # ---- CRUD ----------------------------------------------------------------------------------------------------------
 def watch_out(w: Watch) -> WatchOut:
-    return WatchOut(id=w.id, owner_key_id=w.owner_key_id, repo=w.repo, template=dict(w.template or {}),
+    return WatchOut(id=w.id, owner_key_id=w.owner_key_id, repo=w.repo, ref=w.ref_pattern or MAIN_REF,
+                    template=dict(w.template or {}),
                     target_repo=w.target_repo, private=w.push_private, has_hf_token=w.hf_token_enc is not None,
                     webhook=WebhookOut(url=w.webhook_url) if w.webhook_url else None, created_at=w.created_at,
                     deleted_at=w.deleted_at)
@@ -100,7 +101,7 @@ def create_watch(factory: sessionmaker[Session], settings: Settings, keyring: Ke
                                "target_repo (push) needs an hf_token with write access to the target namespace")
         render_target(body.target_repo, repo=sample, sha="0" * 40, avg_bits=job.budget.avg_bits)
     hook = webhook_svc.prepare(body.webhook, settings, keyring, generate=True) if body.webhook else None
-    row = Watch(owner_key_id=who.key_id, repo=body.repo,
+    row = Watch(owner_key_id=who.key_id, repo=body.repo, ref_pattern=body.ref,
                 template=body.template.model_dump(mode="json", exclude_none=True),
                 target_repo=body.target_repo, push_private=body.private,
                 hf_token_enc=keyring.encrypt(token) if token else None,
@@ -164,26 +165,42 @@ def _ignored(reason: str, **kw: Any) -> Triggered:
     return Triggered(HubHookOut(status="ignored", reason=reason, **kw), [], 200)
 
 
-def commit_of(payload: HubPayload) -> tuple[str | None, str]:
-    """(the new main-branch sha, or None and why the event is ignored)."""
+def updates_of(payload: HubPayload) -> tuple[list[tuple[str, str | None]], str]:
+    """(every updated ref with its new sha, None when deleted; or [] and why the event is ignored)."""
     ev = payload.event
     if payload.repo.type != "model":
-        return None, f"not a model repo (type {payload.repo.type})"
+        return [], f"not a model repo (type {payload.repo.type})"
     scope_ok = ev.scope == "repo.content" or ev.scope.startswith("repo.content.")
     if not scope_ok or ev.action != "update":
-        return None, (f"event {ev.scope}/{ev.action} is not a new commit (subscribe to repo updates: scope "
-                      "repo.content, action update)")
-    refs = payload.updatedRefs or []
-    main = [r for r in refs if r.ref == MAIN_REF]
-    if not main:
-        names = ", ".join(r.ref for r in refs) or "none"
-        return None, f"no update of {MAIN_REF} (updated refs: {names})"
-    sha = (main[0].newSha or "").lower()
-    if not sha:
-        return None, f"{MAIN_REF} was deleted"
-    if not SHA_RE.match(sha):
-        return None, f"'{sha[:80]}' is not a commit sha"
-    return sha, ""
+        return [], (f"event {ev.scope}/{ev.action} is not a new commit (subscribe to repo updates: scope "
+                    "repo.content, action update)")
+    refs = [(r.ref, (r.newSha or "").lower() or None) for r in payload.updatedRefs or []]
+    if not refs:
+        return [], "no updated refs"
+    return refs, ""
+
+
+def ref_matches(pattern: str | None, ref: str) -> bool:
+    """A watch's ref pattern (a full ref name, or a glob such as ``refs/tags/*``) against an updated ref."""
+    pattern = pattern or MAIN_REF
+    return fnmatch.fnmatchcase(ref, pattern) if GLOB_CHARS & set(pattern) else ref == pattern
+
+
+def commits_for(pattern: str | None, refs: list[tuple[str, str | None]]) -> tuple[list[tuple[str, str]], str]:
+    """The (ref, sha) pairs this watch makes jobs of (one per commit), or [] and why none."""
+    matched = [(ref, sha) for ref, sha in refs if ref_matches(pattern, ref)]
+    if not matched:
+        return [], f"no update of {pattern or MAIN_REF} (updated refs: {', '.join(r for r, _ in refs) or 'none'})"
+    out: list[tuple[str, str]] = []
+    why = ""
+    for ref, sha in matched:
+        if sha is None:
+            why = f"{ref} was deleted"
+        elif not SHA_RE.match(sha):
+            why = f"'{sha[:80]}' is not a commit sha"
+        elif sha not in {s for _, s in out}:
+            out.append((ref, sha))
+    return out, why
 
 
 def _principal(db: Session, key_id: str, settings: Settings) -> Principal | None:
@@ -202,9 +219,9 @@ def _existing(factory: sessionmaker[Session], watch_id: str, repo: str, sha: str
 
 def handle_hub_event(factory: sessionmaker[Session], settings: Settings, keyring: Keyring,
                      payload: HubPayload) -> Triggered:
-    sha, reason = commit_of(payload)
+    refs, reason = updates_of(payload)
     repo = payload.repo.name
-    if sha is None:
+    if not refs:
         return _ignored(reason, repo=repo)
     if not re.match(REPO_PATTERN, repo):
         return _ignored(f"'{repo[:200]}' is not a repo id", repo=repo)
@@ -214,13 +231,22 @@ def handle_hub_event(factory: sessionmaker[Session], settings: Settings, keyring
         for w in watches:
             db.expunge(w)
     if not watches:
-        return _ignored(f"no watch matches {repo}", repo=repo, sha=sha)
-    hub_id = payload.webhook.id if payload.webhook else None
-    out = HubHookOut(status="duplicate", repo=repo, sha=sha)
-    publish: list[str] = []
+        return _ignored(f"no watch matches {repo}", repo=repo)
+    wanted: list[tuple[Watch, str, str]] = []  # (watch, ref, sha): one job per watch and commit
+    reasons: list[str] = []
     for w in watches:
+        commits, why = commits_for(w.ref_pattern, refs)
+        wanted += [(w, ref, sha) for ref, sha in commits]
+        if not commits and why not in reasons:
+            reasons.append(why)
+    if not wanted:
+        return _ignored("; ".join(reasons), repo=repo)
+    hub_id = payload.webhook.id if payload.webhook else None
+    out = HubHookOut(status="duplicate", repo=repo, sha=wanted[0][2])
+    publish: list[str] = []
+    for w, ref, sha in wanted:
         try:
-            job_id, created = _trigger(factory, settings, keyring, w, repo, sha, hub_id)
+            job_id, created = _trigger(factory, settings, keyring, w, repo, sha, hub_id, ref)
         except ServiceError as exc:
             log.warning("hub webhook: watch %s, %s@%s: %s (%s)", w.id, repo, sha[:12], exc.code, exc.detail[:300])
             out.errors.append(HubError(watch_id=w.id, code=exc.code, detail=exc.detail))
@@ -242,7 +268,7 @@ def handle_hub_event(factory: sessionmaker[Session], settings: Settings, keyring
 
 
 def _trigger(factory: sessionmaker[Session], settings: Settings, keyring: Keyring, w: Watch, repo: str, sha: str,
-             hub_id: str | None) -> tuple[str, bool]:
+             hub_id: str | None, ref: str = MAIN_REF) -> tuple[str, bool]:
     """(job id, created): the job of (watch, repo, sha), made now unless it exists."""
     existing = _existing(factory, w.id, repo, sha)
     if existing is not None:
@@ -265,7 +291,7 @@ def _trigger(factory: sessionmaker[Session], settings: Settings, keyring: Keyrin
             db.add(JobWebhook(job_id=job.id, url=w.webhook_url, secret_enc=w.webhook_secret_enc, watch_id=w.id))
         from app.services.events import add_event
 
-        add_event(db, job.id, "log", message=f"made by watch {w.id} for {repo}@{sha}")
+        add_event(db, job.id, "log", message=f"made by watch {w.id} for {repo}@{sha} ({ref})")
 
     try:
         created = job_svc.create_job(factory, settings, keyring, who, body, None, on_insert=rows)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -40,6 +38,7 @@ import httpx
 from sqlalchemy import false, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from standardwebhooks import Webhook
 
 from app.core.config import Settings
 from app.core.security import Keyring, redact
@@ -86,10 +85,9 @@ def check_secret(secret: str) -> None:
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value for one attempt."""
-    to_sign = f"{msg_id}.{timestamp}.".encode() + body
-    digest = hmac.new(secret_key(secret), to_sign, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    """The ``webhook-signature`` header value for one attempt, made by the ``standardwebhooks`` package."""
+    when = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    return Webhook(secret_key(secret)).sign(msg_id, when, body.decode())
 
 
 # ---- target addresses ----------------------------------------------------------------------------------------------
@@ -201,7 +199,7 @@ def _iso(t: dt.datetime | None) -> str:
 def payload_for(job: Job, event_type: str, watch_id: str | None) -> str:
     """The message body: ``{"type", "timestamp", "data": {"job": <GET /v1/jobs/{id}>, "watch_id", "links"}}``,
     minified JSON (the exact bytes that are signed)."""
-    from app.services.jobs import job_out
+    from app.services.job_view import job_out
 
     body = {"type": event_type, "timestamp": _iso(job.finished_at),
             "data": {"job": job_out(job).model_dump(mode="json"), "watch_id": watch_id,

@@ -186,6 +186,43 @@ def test_a_hub_push_queues_exactly_one_job_also_when_redelivered_and_raced(
     assert st.c.get(f"/v1/jobs/{job2}").json()["resolved_revision"] == second
 
 
+def test_a_tag_push_on_a_watched_pattern_queues_exactly_one_job(sqlite_stack: Stack, hub, model_root: Path) -> None:
+    """A watch that follows tags ('refs/tags/v*'): a push of a matching tag makes one job pinned to the tagged
+    commit (also when the Hub redelivers it, and when a second matching tag names the same commit); a branch push
+    and a tag outside the pattern make none."""
+    st = sqlite_stack
+    repo = "org/tagged"
+    hub_repo = hub.add_repo_from_dir(repo, model_root / "tiny-moe")
+    with MopeqClient(st.url, api_key=BOOT_KEY) as c:
+        w = c.create_watch(repo, ref="refs/tags/v*", quantizer="rtn", avg_bits=3, group_size=64,
+                           sensitivity="frequency", calib_samples=2, seq_len=16)
+    assert w.ref == "refs/tags/v*" and st.c.get(f"/v1/watches/{w.id}").json()["ref"] == "refs/tags/v*"
+    assert st.watch(repo="org/x", ref="refs/pull/1").status_code == 422  # branches and tags only
+
+    main_push = hub_push_payload(repo, hub_repo.sha)
+    r = st.hook(main_push)
+    assert r.status_code == 200 and r.json()["status"] == "ignored", r.text
+    assert "no update of refs/tags/v*" in r.json()["reason"]
+    r = st.hook(hub_push_payload(repo, hub_repo.sha, None, ref="refs/tags/nightly"))
+    assert r.json()["status"] == "ignored" and st.count(repo) == 0, r.text
+
+    release = hub._commit(hub_repo, "release 1.0")
+    tag = hub_push_payload(repo, release, None, ref="refs/tags/v1.0",
+                           extra_refs=[{"ref": "refs/tags/v1", "oldSha": None, "newSha": release}])
+    r = st.hook(tag)
+    assert r.status_code == 202, r.text
+    out = r.json()
+    assert out["status"] == "queued" and out["sha"] == release and len(out["jobs"]) == 1, out
+    job_id = out["jobs"][0]["job_id"]
+    assert out["jobs"][0] == {"watch_id": w.id, "job_id": job_id, "created": True}
+    job = st.c.get(f"/v1/jobs/{job_id}").json()
+    assert (job["model"], job["revision"], job["resolved_revision"]) == (repo, release, release)
+    again = st.hook(tag)
+    assert again.status_code == 200 and again.json()["status"] == "duplicate", again.text
+    assert again.json()["jobs"] == [{**out["jobs"][0], "created": False}]
+    assert st.count(repo) == 1 and st.published(job_id) == 1
+
+
 def test_a_wrong_or_missing_secret_is_refused(sqlite_stack: Stack, hub, model_root: Path) -> None:
     st = sqlite_stack
     repo = "org/guarded"
