@@ -45,6 +45,9 @@ def quantize(
     scope: str = typer.Option("model", "--scope"),
     granularity: str = typer.Option("expert", "--granularity"),
     quantizer: str = typer.Option("gptq", "--quantizer"),
+    cost: str = typer.Option("output", "--cost", help="Allocator error: output (tr(dW H dW^T), default) or weight"),
+    sequential: bool = typer.Option(True, "--sequential/--no-sequential",
+                                    help="GPTQ each layer from the outputs of the quantized layers before it"),
     group_size: int = typer.Option(128, "--group-size"),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="Asymmetric (zero-point) quantization"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ columns in decreasing Hessian order"),
@@ -82,7 +85,8 @@ def quantize(
 
     cfg = QuantizeConfig(
         model=model, budget=budget, revision=revision, bits=parse_bits(bits), sensitivity=sensitivity,
-        allocator=allocator, scope=scope, granularity=granularity, quantizer=quantizer, group_size=group_size,
+        allocator=allocator, scope=scope, granularity=granularity, quantizer=quantizer, cost=cost, sequential=sequential,
+        group_size=group_size,
         symmetric=not asymmetric, act_order=act_order, probes=probes, probe_tol=probe_tol,
         calib_file=str(calib_file) if calib_file else None, calib_samples=calib_samples, seq_len=seq_len,
         calib_all_experts=calib_all_experts, eval_file=str(eval_file) if eval_file else None,
@@ -102,11 +106,9 @@ def quantize(
                     tasks[ev.stage] = bar.add_task(ev.stage, total=1.0)
                 bar.update(tasks[ev.stage], completed=ev.progress)
 
-            if low_memory:
-                from mopeq_core.lowmem import run_low_memory as runner
-            else:
-                from mopeq_core.pipeline import run_quantization as runner
-            result = runner(cfg, out, on_event=on_event)
+            from mopeq_core.engine import run
+
+            result = run(cfg, out, on_event=on_event)
     except UserInputError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_INVALID) from None

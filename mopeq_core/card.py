@@ -142,6 +142,9 @@ def reproduce_args(config: dict, out_dir: str | Path, revision: str | None = Non
     for key, flag in (("sensitivity", "--sensitivity"), ("allocator", "--allocator"), ("scope", "--scope"),
                       ("granularity", "--granularity"), ("quantizer", "--quantizer")):
         args += [flag, str(c[key])]
+    args += ["--cost", str(c.get("cost", "output"))]
+    if not c.get("sequential", True):
+        args.append("--no-sequential")
     args += ["--group-size", str(c["group_size"])]
     if not c.get("symmetric", True):
         args.append("--asymmetric")
@@ -454,19 +457,22 @@ def build_card(out_dir: Path, bitmap: dict, report: dict, heatmap: str | None = 
     if extras:
         s_line += " (" + ", ".join(extras) + ")"
     if sens_desc.get("selected_by") == "auto":
-        s_line += "; chosen automatically by the lowest hold-out loss among the candidates below"
-    elif sens_desc.get("requested") and sens_desc["requested"] != sens_desc.get("method"):
-        s_line += f" (the low-memory pipeline's layer-local score, in place of the requested {sens_desc['requested']})"
+        s_line += ("; chosen automatically by the lowest cross-fitted loss among the candidates below (scores "
+                   "from one half of the calibration data, loss on the other, every token once)")
     lines.append(s_line)
     cand = report.get("candidate_holdout_loss") or sens_desc.get("candidate_holdout_loss") or {}
     if cand:
-        fp_loss = report.get("fp_holdout_loss")
+        paired = (report.get("candidate_validation") or {}).get("paired_vs_best") or {}
+
+        def _diff(m):
+            p = paired.get(m) or {}
+            if p.get("std_err") is None:
+                return "n/a"
+            return f"{p['mean_diff']:+.5f} ± {p['std_err']:.5f}"
         lines += [""]
-        lines += _table(["candidate", "hold-out loss", "vs full precision", ""], [
-            [f"`{m}`", _fmt_float(v, 5), f"{v - fp_loss:+.5f}" if fp_loss is not None else "n/a",
-             "selected" if m == method else ""] for m, v in sorted(cand.items(), key=lambda kv: kv[1])])
-        if fp_loss is not None:
-            lines += ["", f"Full-precision hold-out loss: {fp_loss:.5f}."]
+        lines += _table(["candidate", "validation loss", "vs the selected (paired, ± s.e.)", ""], [
+            [f"`{m}`", _fmt_float(v, 5), _diff(m), "selected" if m == method else ""]
+            for m, v in sorted(cand.items(), key=lambda kv: kv[1])])
         lines += [""]
     lines.append(f"- **Allocator**: `{alloc.get('allocator', cfg.get('allocator'))}`, scope "
                  f"`{alloc.get('scope', cfg.get('scope'))}`, granularity `{alloc.get('granularity', cfg.get('granularity'))}`"

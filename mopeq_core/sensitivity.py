@@ -192,14 +192,37 @@ def probe_vector(seed: int, probe: int, layer: int, index: int, like: torch.Tens
 
 
 class _LayerParams:
-    """The expert parameters of one layer (empty for a dense layer), as autograd leaves for the block."""
+    """The expert weights of one layer (none for a dense layer) as autograd leaves for the block.
+
+    Fused experts (``[E, ...]`` parameters) are differentiated through one leaf per expert (views of the fused
+    tensor) and a per-expert forward of the experts module: indexing a fused parameter under autograd makes a
+    zero tensor of the whole parameter per expert in the backward pass (E times the layer's expert weights,
+    twice over for a Hessian-vector product); per-expert leaves keep each gradient the size of its expert. The
+    per-expert forward is checked once against the module's own on the first batch; where they differ (an
+    experts module this code does not know), the module's forward and the fused parameters are used."""
 
     def __init__(self, group):
         self.group = group
-        self.ep = _ExpertParams([group]) if group is not None else None
-        self.params = self.ep.params if self.ep is not None else []
+        self.fused_mode = False
+        if group is None:
+            self.params, self.fused = [], []
+        elif group.kind == "fused":
+            self.fused = [getattr(group.module, p.name) for p in group.projections]
+            self.leaves = [list(w.detach().unbind(0)) for w in self.fused]
+            self.params = [t for per in self.leaves for t in per]
+            self.fused_mode = True
+        else:
+            self.fused = []
+            self.ep = _ExpertParams([group])
+            self.params = self.ep.params
 
     def __enter__(self):
+        if self.fused_mode and not _per_expert_forward_agrees(self.group, self.leaves):
+            self.fused_mode = False  # the module's own forward, through the fused parameters
+            self.ep = _ExpertParams([self.group])
+            self.params = self.ep.params
+        if self.fused_mode:
+            self.group.module.forward = _per_expert_forward(self.group, self.leaves)
         self.saved = [p.requires_grad for p in self.params]
         for p in self.params:
             p.requires_grad_(True)
@@ -208,9 +231,82 @@ class _LayerParams:
     def __exit__(self, *exc):
         for p, r in zip(self.params, self.saved):
             p.requires_grad_(r)
+        if self.fused_mode:
+            del self.group.module.forward
+
+    def vectors(self, seed: int, probe: int) -> list[torch.Tensor]:
+        """The probe's v over this layer's expert weights, in ``params`` order (drawn per fused parameter)."""
+        if self.group is None:
+            return []
+        if self.fused_mode:
+            return [t for j, w in enumerate(self.fused)
+                    for t in probe_vector(seed, probe, self.group.layer, j, w.detach()).unbind(0)]
+        return [probe_vector(seed, probe, self.group.layer, j, p) for j, p in enumerate(self.params)]
 
     def per_expert(self, products: list[torch.Tensor]) -> torch.Tensor:
+        if self.fused_mode:
+            E = self.group.num_experts
+            out = torch.zeros(E, dtype=torch.float64)
+            for n, t in enumerate(products):
+                out[n % E] += float(t.detach().double().sum())
+            return out
         return self.ep.per_expert_sums(products)[self.group.layer]
+
+
+def _oriented(group, w: torch.Tensor) -> torch.Tensor:
+    return w.t() if group.transposed else w
+
+
+def _per_expert_forward(group, leaves):
+    """``experts(hidden_states, top_k_index, top_k_weights)`` computed expert by expert from per-expert weights."""
+    from .moe import _bias
+
+    m = group.module
+    names = [p.name for p in group.projections]
+    ins = [k for k, p in enumerate(group.projections) if p.role == "in"]
+    out_k = next(k for k, p in enumerate(group.projections) if p.role == "out")
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        index = top_k_index.reshape(x.shape[0], -1)
+        weights = top_k_weights.reshape(x.shape[0], -1)
+        if weights.shape[-1] != index.shape[-1]:
+            weights = weights.gather(-1, index)
+        out = torch.zeros(x.shape[0], group.projections[out_k].out_features, dtype=x.dtype, device=x.device)
+        for e in range(group.num_experts):
+            tok, pos = torch.where(index == e)
+            if not tok.numel():
+                continue
+            h = group.intermediate(e, x[tok], weights={names[k]: _oriented(group, leaves[k][e]) for k in ins})
+            y = torch.nn.functional.linear(h, _oriented(group, leaves[out_k][e]).to(h.dtype),
+                                           _bias(m, names[out_k], e))
+            out = out.index_add(0, tok, (y * weights[tok, pos, None]).to(out.dtype))
+        return out.reshape(*shape[:-1], out.shape[-1])
+    return forward
+
+
+def _per_expert_forward_agrees(group, leaves) -> bool:
+    cached = getattr(group, "_per_expert_ok", None)
+    if cached is not None:
+        return cached
+    ok = False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w0 = group.weight(0, group.projections[0].name)
+        hidden = group.projections[0].in_features
+        x = torch.randn(6, hidden, generator=gen).to(w0.device, w0.dtype)
+        k = min(2, group.num_experts)
+        index = torch.stack([torch.randperm(group.num_experts, generator=gen)[:k] for _ in range(6)]).to(w0.device)
+        weights = torch.rand(6, k, generator=gen).to(w0.device, w0.dtype)
+        with torch.no_grad():
+            ref = group.module(x, index, weights)
+            got = _per_expert_forward(group, leaves)(x, index, weights)
+        ok = ref.shape == got.shape and bool(torch.allclose(ref, got, rtol=1e-4, atol=1e-5 * float(ref.abs().max())))
+    except Exception:  # noqa: BLE001 - a module with another calling convention: use its own forward
+        ok = False
+    group._per_expert_ok = ok
+    return ok
 
 
 def _grad(out, inputs, **kw) -> list[torch.Tensor]:
@@ -252,6 +348,37 @@ class _StreamedLoss:
         return loss.sum() / max(self.fold_targets[fold], 1)
 
 
+def _tangents_through_layer(stream, layer, i, lp, x, emb, ins, vs) -> list[torch.Tensor]:
+    """J·(tangent_in, v) for each probe: the layer output's tangent (double-vjp identity). A function of its own so
+    that the graph (which holds the layer's weights) is gone when it returns."""
+    with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
+        x = x.detach().requires_grad_(True)
+        y = stream.run_layer(layer, i, x, emb)
+        w = torch.zeros_like(y, requires_grad=True)
+        gw = _grad((y * w).sum(), [x] + lp.params, create_graph=True)
+        return [torch.autograd.grad(_dot(gw, [t] + v), w, retain_graph=True)[0].detach() for t, v in zip(ins, vs)]
+
+
+def _hvp_through_layer(stream, layer, i, lp, x, emb, head, G, Gts, ins, vs):
+    """One layer of the backward stream: the input gradient, and per probe the input gradient's tangent and the
+    Hessian-vector product over the layer's expert parameters (forward-over-reverse of the layer's local
+    function ``<y, G>``, or of the loss for the top layer)."""
+    with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
+        x = x.detach().requires_grad_(True)
+        y = stream.run_layer(layer, i, x, emb)
+        s1 = head(y) if head is not None else (y * G).sum()
+        g1 = _grad(s1, [x] + lp.params, create_graph=True)
+        gts, hvs = [], []
+        for gt, t, v in zip(Gts, ins, vs):
+            s2 = _dot(g1, [t] + v)
+            if gt is not None:
+                s2 = s2 + (y * gt).sum()
+            g2 = _grad(s2, [x] + lp.params, retain_graph=True)
+            gts.append(g2[0].detach())
+            hvs.append([h.detach() for h in g2[1:]])
+        return g1[0].detach(), gts, hvs
+
+
 def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, dict[int, torch.Tensor]]]:
     """vᵀHv per fold, probe, layer and expert for ``probes``: one forward stream carries each probe's tangent of
     the hidden states (J·v, by the double-vjp identity Ju = ∂/∂w ⟨Jᵀw, u⟩), one backward stream carries the
@@ -264,22 +391,17 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
     stream.count_pass("sensitivity-forward")
     for i in range(sl.n - 1):
         with stream.layer(i) as layer, _LayerParams(stream.group_of.get(i)) as lp:
-            vs = {k: [probe_vector(seed, k, i, j, p) for j, p in enumerate(lp.params)] for k in probes}
+            vs = {k: lp.vectors(seed, k) for k in probes}
             for key, batch in sl.batches:
                 sl.check()
                 ins = [tangents.get((i, key, k)) for k in probes]
                 if not lp.params and all(t is None for t in ins):
                     continue
-                emb = stream.embed(key, batch)
-                with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
-                    x = sl.inputs.get((i, key), stream.device).detach().requires_grad_(True)
-                    y = stream.run_layer(layer, i, x, emb)
-                    w = torch.zeros_like(y, requires_grad=True)
-                    gw = _grad((y * w).sum(), [x] + lp.params, create_graph=True)
-                    for k, t in zip(probes, ins):
-                        s = _dot(gw, [t] + vs[k])
-                        tangents[(i + 1, key, k)] = torch.autograd.grad(s, w, retain_graph=True)[0].detach()
-                    del gw, y, w
+                outs = _tangents_through_layer(stream, layer, i, lp, sl.inputs.get((i, key), stream.device),
+                                               stream.embed(key, batch), ins, [vs[k] for k in probes])
+                for k, t in zip(probes, outs):
+                    tangents[(i + 1, key, k)] = t
+        del lp, vs, layer  # the real weights of the layer: nothing keeps them once it is released
     # -- backward: the gradient G and its tangent Gt, layer by layer from the top
     stream.count_pass("sensitivity-backward")
     est = [{k: {} for k in probes} for _ in range(sl.n_folds)]
@@ -287,30 +409,25 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
     Gt: dict = {}
     for i in range(sl.n - 1, -1, -1):
         with stream.layer(i) as layer, _LayerParams(stream.group_of.get(i)) as lp:
-            vs = {k: [probe_vector(seed, k, i, j, p) for j, p in enumerate(lp.params)] for k in probes}
+            vs = {k: lp.vectors(seed, k) for k in probes}
             for (key, batch), fold in zip(sl.batches, sl.folds):
                 sl.check()
-                emb = stream.embed(key, batch)
-                with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
-                    x = sl.inputs.get((i, key), stream.device).detach().requires_grad_(True)
-                    y = stream.run_layer(layer, i, x, emb)
-                    top = i == sl.n - 1
-                    s1 = sl.head_loss(batch, y, fold) if top else (y * G[key]).sum()
-                    g1 = _grad(s1, [x] + lp.params, create_graph=True)
-                    G[key] = g1[0].detach()
-                    for k in probes:
-                        s2 = _dot(g1, [tangents.get((i, key, k))] + vs[k])
-                        if not top:
-                            s2 = s2 + (y * Gt[(key, k)]).sum()
-                        g2 = _grad(s2, [x] + lp.params, retain_graph=True)
-                        Gt[(key, k)] = g2[0].detach()
-                        if lp.params:
-                            per = lp.per_expert([v * hv for v, hv in zip(vs[k], g2[1:])])
-                            acc = est[fold][k]
-                            acc[lp.group.layer] = acc.get(lp.group.layer, 0) + per
-                    del g1, y
+                top = i == sl.n - 1
+                head = (lambda y, batch=batch, fold=fold: sl.head_loss(batch, y, fold)) if top else None
+                g_in, gt_in, hvs = _hvp_through_layer(
+                    stream, layer, i, lp, sl.inputs.get((i, key), stream.device), stream.embed(key, batch),
+                    head, None if top else G[key], [None if top else Gt[(key, k)] for k in probes],
+                    [tangents.get((i, key, k)) for k in probes], [vs[k] for k in probes])
+                G[key] = g_in
+                for k, gt, hv in zip(probes, gt_in, hvs):
+                    Gt[(key, k)] = gt
+                    if lp.params:
+                        per = lp.per_expert([v * h for v, h in zip(vs[k], hv)])
+                        acc = est[fold][k]
+                        acc[lp.group.layer] = acc.get(lp.group.layer, 0) + per
                 for k in probes:
                     tangents.pop((i, key, k), None)
+        del lp, vs, layer
     return est
 
 
@@ -368,6 +485,20 @@ def hutchinson(ctx: SensitivityContext) -> SensitivityResult:
     return SensitivityResult("hutchinson", scores, probes=k, rel_std_err_median=rel, details=details)
 
 
+def _grad_through_layer(stream, layer, i, lp, x, emb, unit, G) -> list[torch.Tensor]:
+    """Gradients of one sequence's mean loss (top layer: ``unit`` given) or of ``<y, G>`` w.r.t. the layer input
+    and its expert parameters."""
+    with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
+        x = x.detach().requires_grad_(True)
+        y = stream.run_layer(layer, i, x, emb)
+        if unit is not None:
+            loss, count = stream.loss(unit, y)
+            s = loss.sum() / count.sum().clamp(min=1)
+        else:
+            s = (y * G).sum()
+        return [g.detach() for g in _grad(s, [x] + lp.params)]
+
+
 def _units(sl: _StreamedLoss):
     """(unit key, unit batch, parent key, row, fold): every calibration sequence as a batch of its own."""
     for (key, batch), fold in zip(sl.batches, sl.folds):
@@ -392,22 +523,16 @@ def fisher(ctx: SensitivityContext) -> SensitivityResult:
         with stream.layer(i) as layer, _LayerParams(stream.group_of.get(i)) as lp:
             for ukey, unit, key, r, fold, rows in units:
                 sl.check()
-                emb = stream.embed(("unit", ukey), unit)
-                with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
-                    x = sl.inputs.get((i, key), stream.device)
-                    x = (x[r: r + 1] if rows > 1 else x).detach().requires_grad_(True)
-                    y = stream.run_layer(layer, i, x, emb)
-                    if i == sl.n - 1:
-                        loss, count = stream.loss(unit, y)
-                        s = loss.sum() / count.sum().clamp(min=1)
-                    else:
-                        s = (y * G[ukey]).sum()
-                    grads = _grad(s, [x] + lp.params)
+                x = sl.inputs.get((i, key), stream.device)
+                grads = _grad_through_layer(stream, layer, i, lp, x[r: r + 1] if rows > 1 else x,
+                                            stream.embed(("unit", ukey), unit),
+                                            unit if i == sl.n - 1 else None, G.get(ukey))
                 G[ukey] = grads[0].detach()
                 if lp.params:
                     sums[fold][lp.group.layer] += lp.per_expert([g * g for g in grads[1:]])
             if ctx.on_progress:
                 ctx.on_progress((sl.n - i) / sl.n)
+        del lp, layer, grads
     counts = [0] * sl.n_folds
     for *_, fold, _rows in units:
         counts[fold] += 1

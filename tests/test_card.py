@@ -52,7 +52,10 @@ def make_report(**cfg_over) -> dict:
             "calibration": {"experts": 14, "experts_with_tokens": 14, "min_tokens": 9},
             "selected_sensitivity": "hutchinson",
             "candidate_holdout_loss": {"hutchinson": 2.51, "fisher": 2.53, "frequency": 2.60, "input-hessian": 2.55},
-            "fp_holdout_loss": 2.40,
+            "candidate_validation": {"paired_vs_best": {
+                "hutchinson": {"mean_diff": 0.0, "std_err": 0.0}, "fisher": {"mean_diff": 0.02, "std_err": 0.004},
+                "frequency": {"mean_diff": 0.09, "std_err": 0.011}, "input-hessian": {"mean_diff": 0.04,
+                                                                        "std_err": 0.006}}},
             "allocation": {"exact": True},
             "sizes": {"expert_bytes": 5000, "non_expert_bytes": 100000, "total_bytes": 105000,
                       "avg_bits": 3.0, "fp_expert_bytes": 14 * PARAMS * 4}}
@@ -87,8 +90,8 @@ def test_card_front_matter_and_sections(tmp_path):
     # perplexity before/after, method, candidates, allocator, calibration, versions, heatmap reference
     assert "| full precision | 12.3450 |" in text and "| quantized (this artifact) | 13.0000 |" in text
     assert "+5.31 %" in text
-    assert "`hutchinson`" in text and "| `input-hessian` | 2.55000 | +0.15000 |  |" in text
-    assert "| `hutchinson` | 2.51000 | +0.11000 | selected |" in text
+    assert "`hutchinson`" in text and "| `input-hessian` | 2.55000 | +0.04000 ± 0.00600 |  |" in text
+    assert "| `hutchinson` | 2.51000 | +0.00000 ± 0.00000 | selected |" in text
     assert "`knapsack`" in text and "group size 32" in text
     assert "the built-in default calibration text" in text  # calib_file None
     for pkg in ("torch", "transformers", "mopeq"):
