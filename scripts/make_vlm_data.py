@@ -70,8 +70,6 @@ def _license_note(fn) -> str:
 
 
 def _save_png(img, path: Path) -> None:
-    from PIL import Image
-
     img.save(path, format="PNG", optimize=True)
 
 

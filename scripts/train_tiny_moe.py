@@ -20,6 +20,15 @@ Regenerate the shipped model (from the repository root; ~20 min on one busy CPU 
 
     .venv/bin/python scripts/train_tiny_moe.py
 
+``--family`` picks the architecture: ``mixtral`` (the default: ``models/mopeq-tiny-moe``, 8 experts, top-2),
+``olmoe`` (``OlmoeForCausalLM``: ``models/mopeq-tiny-olmoe``, 16 experts, top-4) or ``qwen2_moe``
+(``Qwen2MoeForCausalLM`` with a shared expert: ``models/mopeq-tiny-qwen2moe``, 16 experts, top-4). Each family has its
+own defaults for ``--out``, ``--experts``, ``--top-k``, ``--intermediate`` and ``--max-bytes``; the corpus, split,
+data files and tokenizer do not depend on the family (so all families share the vocabulary and write byte-identical
+data files; ``--no-data-files`` leaves those files alone). The second model is made with
+
+    .venv/bin/python scripts/train_tiny_moe.py --family olmoe
+
 Use ``--max-steps`` / ``--time-limit-min`` to change the budget; ``--threads`` sets torch's intra-op threads.
 The result is deterministic for a given seed, step count and thread count (up to float summation order).
 """
@@ -209,12 +218,112 @@ def make_config(a, vocab_size: int):
     )
 
 
+def make_olmoe_config(a, vocab_size: int):
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,  # per expert
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        num_experts=a.experts,
+        num_experts_per_tok=a.top_k,
+        norm_topk_prob=False,  # as OLMoE-1B-7B
+        max_position_embeddings=a.seq_len,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        rms_norm_eps=1e-5,
+        router_aux_loss_coef=a.aux_coef,
+        output_router_logits=False,
+        tie_word_embeddings=a.tie,
+        initializer_range=0.02,
+        attention_dropout=0.0,
+        attention_bias=False,
+        clip_qkv=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        use_cache=True,
+    )
+
+
+def make_qwen2_moe_config(a, vocab_size: int):
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=a.hidden,
+        intermediate_size=a.shared_intermediate,  # dense MLP size (unused: every layer is sparse)
+        moe_intermediate_size=a.intermediate,
+        shared_expert_intermediate_size=a.shared_intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        num_experts=a.experts,
+        num_experts_per_tok=a.top_k,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=a.seq_len,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        rms_norm_eps=1e-5,
+        router_aux_loss_coef=a.aux_coef,
+        output_router_logits=False,
+        tie_word_embeddings=a.tie,
+        initializer_range=0.02,
+        attention_dropout=0.0,
+        use_sliding_window=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        use_cache=True,
+    )
+
+
+# Per family: config builder, model class name, defaults for the family-specific arguments, the README's words.
+FAMILIES = {
+    "mixtral": {
+        "make_config": make_config, "cls": "MixtralForCausalLM", "name": "Mixtral",
+        "defaults": {"out": "mopeq-tiny-moe", "experts": 8, "top_k": 2, "intermediate": 224,
+                     "max_bytes": 15 * 1024 * 1024},
+        "layout": "`model.layers.L.block_sparse_moe.experts.E.w1/w2/w3.weight`",
+    },
+    "olmoe": {
+        "make_config": make_olmoe_config, "cls": "OlmoeForCausalLM", "name": "OLMoE",
+        "defaults": {"out": "mopeq-tiny-olmoe", "experts": 16, "top_k": 4, "intermediate": 128,
+                     "max_bytes": 16 * 1024 * 1024},
+        "layout": "`model.layers.L.mlp.experts.E.gate_proj/up_proj/down_proj.weight`",
+    },
+    "qwen2_moe": {
+        "make_config": make_qwen2_moe_config, "cls": "Qwen2MoeForCausalLM", "name": "Qwen2-MoE",
+        "defaults": {"out": "mopeq-tiny-qwen2moe", "experts": 16, "top_k": 4, "intermediate": 112,
+                     "max_bytes": 16 * 1024 * 1024},
+        "layout": "`model.layers.L.mlp.experts.E.gate_proj/up_proj/down_proj.weight`",
+    },
+}
+
+
+def family_of(config) -> str:
+    return {"mixtral": "mixtral", "olmoe": "olmoe", "qwen2_moe": "qwen2_moe"}[config.model_type]
+
+
+def num_experts(config) -> int:
+    """Routed experts per layer (``num_local_experts`` in Mixtral, ``num_experts`` in OLMoE / Qwen2-MoE)."""
+    n = getattr(config, "num_local_experts", None)
+    return n if n is not None else config.num_experts
+
+
+def expert_intermediate(config) -> int:
+    return config.moe_intermediate_size if config.model_type == "qwen2_moe" else config.intermediate_size
+
+
 def build_model(config, seed: int):
     import torch
-    from transformers import MixtralForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    m = MixtralForCausalLM(config)
+    m = getattr(transformers, FAMILIES[family_of(config)]["cls"])(config)
     return m
 
 
@@ -227,7 +336,7 @@ def per_layer_aux_loss(router_logits, config):
     """
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    losses = [load_balancing_loss_func((lg,), config.num_local_experts, config.num_experts_per_tok)
+    losses = [load_balancing_loss_func((lg,), num_experts(config), config.num_experts_per_tok)
               for lg in router_logits]
     return sum(losses) / len(losses)
 
@@ -256,12 +365,13 @@ def routing_counts(model, ids, seq_len: int, max_tokens: int):
     import torch
 
     cfg = model.config
-    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
+    ne = num_experts(cfg)
+    counts = torch.zeros(cfg.num_hidden_layers, ne, dtype=torch.long)
     hooks = []
     for li, layer in enumerate(model.model.layers):
         def hook(mod, args, li=li):
             idx = args[1]
-            counts[li] += torch.bincount(idx.reshape(-1), minlength=cfg.num_local_experts)[: cfg.num_local_experts]
+            counts[li] += torch.bincount(idx.reshape(-1), minlength=ne)[:ne]
         hooks.append(layer.mlp.experts.register_forward_pre_hook(hook))
     try:
         ids = ids[:max_tokens]
@@ -281,13 +391,21 @@ PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.expe
 FUSED_RE = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
+PER_EXPERT_MLP_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
 def ensure_per_expert_layout(path: Path, config) -> str:
     """Check ``model.safetensors`` holds one tensor per expert and projection (Hub Mixtral layout).
 
     If transformers wrote the fused ``experts.gate_up_proj`` / ``experts.down_proj`` instead, split them into
     ``model.layers.L.block_sparse_moe.experts.E.{w1,w3,w2}.weight`` (and rename ``mlp.gate`` to
     ``block_sparse_moe.gate``) ourselves. Returns a description of what was found.
+
+    OLMoE and Qwen2-MoE checkpoints are checked (and if need be rewritten) the same way against their Hub layout,
+    ``model.layers.L.mlp.experts.E.{gate_proj,up_proj,down_proj}.weight`` (router ``mlp.gate`` unchanged).
     """
+    if family_of(config) != "mixtral":
+        return _ensure_per_expert_mlp_layout(path, config)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -320,10 +438,47 @@ def ensure_per_expert_layout(path: Path, config) -> str:
     return "fused on save by transformers; rewritten per expert by this script"
 
 
+def _ensure_per_expert_mlp_layout(path: Path, config) -> str:
+    """``ensure_per_expert_layout`` for OLMoE / Qwen2-MoE (``mlp.experts.E.{gate,up,down}_proj.weight``)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    E, F, L = num_experts(config), expert_intermediate(config), config.num_hidden_layers
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata() or {}
+        fused = [k for k in keys if FUSED_RE.search(k)]
+        if not fused:
+            found = {(int(m[1]), int(m[2]), m[3]) for k in keys if (m := PER_EXPERT_MLP_RE.match(k))}
+            want = {(li, e, w) for li in range(L) for e in range(E) for w in ("gate_proj", "up_proj", "down_proj")}
+            assert found == want, f"expected {len(want)} per-expert tensors, found {len(found)}"
+            return "per-expert (as written by save_pretrained)"
+        tensors = {k: f.get_tensor(k) for k in keys}
+    out = {}
+    for k, v in tensors.items():
+        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$", k)
+        if m:
+            base, which = m.groups()
+            for e in range(v.shape[0]):
+                if which == "gate_up_proj":  # rows [:F] are the gate (chunk(2) in the experts' forward)
+                    out[f"{base}.{e}.gate_proj.weight"] = v[e, :F].contiguous()
+                    out[f"{base}.{e}.up_proj.weight"] = v[e, F:].contiguous()
+                else:
+                    out[f"{base}.{e}.down_proj.weight"] = v[e].contiguous()
+            continue
+        out[k] = v
+    save_file(out, str(path), metadata={"format": "pt", **meta})
+    return "fused on save by transformers; rewritten per expert by this script"
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(REPO / "models" / "mopeq-tiny-moe"))
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="mixtral",
+                    help="architecture: mixtral (models/mopeq-tiny-moe), olmoe (models/mopeq-tiny-olmoe) or "
+                         "qwen2_moe (models/mopeq-tiny-qwen2moe); sets the defaults of --out, --experts, --top-k, "
+                         "--intermediate and --max-bytes")
+    ap.add_argument("--out", default=None, help="default: models/<the family's model name>")
     ap.add_argument("--calib-default", default=str(REPO / "mopeq_core" / "data" / "calib_default.txt"))
     ap.add_argument("--data-dir", default=str(REPO / "data"))
     ap.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"])
@@ -331,12 +486,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--intermediate", type=int, default=224)
+    ap.add_argument("--intermediate", type=int, default=None,
+                    help="expert intermediate size (mixtral 224, olmoe 128, qwen2_moe 112)")
+    ap.add_argument("--shared-intermediate", type=int, default=64,
+                    help="qwen2_moe only: the shared expert's intermediate size")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=None, help="experts per layer (mixtral 8, others 16)")
+    ap.add_argument("--top-k", type=int, default=None, help="experts per token (mixtral 2, others 4)")
     ap.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--aux-coef", type=float, default=0.01)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -359,11 +517,16 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--max-bytes", type=int, default=15 * 1024 * 1024)
+    ap.add_argument("--max-bytes", type=int, default=None,
+                    help="checkpoint size limit (mixtral 15 MiB, others 16 MiB)")
     ap.add_argument("--no-data-files", action="store_true", help="do not (re)write the data files")
     ap.add_argument("--readme-only", action="store_true",
                     help="only rewrite --out/README.md from its config.json and training_info.json")
     a = ap.parse_args(argv)
+    fam = FAMILIES[a.family]
+    for k, v in fam["defaults"].items():
+        if getattr(a, k) is None:
+            setattr(a, k, str(REPO / "models" / v) if k == "out" else v)
 
     import torch
 
@@ -417,7 +580,7 @@ def main(argv=None) -> int:
           f"({sizes['train'] / train_ids.numel():.2f} chars/token); eval tokens={eval_ids.numel():,}", flush=True)
 
     # ---- model
-    config = make_config(a, len(tok))
+    config = fam["make_config"](a, len(tok))
     model = build_model(config, a.seed)
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -527,6 +690,8 @@ def main(argv=None) -> int:
 
     reproduce = (f".venv/bin/python scripts/train_tiny_moe.py --seed {a.seed} --threads {a.threads} "
                  f"--max-steps {a.max_steps} --no-fit-to-time --time-limit-min 0")
+    if a.family != "mixtral":
+        reproduce = reproduce.replace(" --seed", f" --family {a.family} --seed", 1)
     if steps_done < a.max_steps:
         reproduce += f" --stop-after-steps {steps_done}"
     info = {
@@ -553,29 +718,44 @@ def write_readme(out: Path, cfg, info: dict, sizes: dict, nfiles: dict) -> None:
     share_lines = "\n".join(
         f"| {i} | {lo:.3f} | {hi:.3f} |" for i, (lo, hi) in
         enumerate(zip(info["routing_share_min"], info["routing_share_max"])))
+    family = family_of(cfg)
+    fam = FAMILIES[family]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    extra_arch = {
+        "mixtral": "",
+        "olmoe": "\nOLMoE specifics: RMS-normed queries and keys (QK-norm); the router's softmax is over all experts\n"
+                 "and the top-k weights are not renormalised (`norm_topk_prob: false`, as in OLMoE-1B-7B).",
+        "qwen2_moe": f"\nQwen2-MoE specifics: every layer also has a sigmoid-gated shared expert (intermediate size "
+                     f"{getattr(cfg, 'shared_expert_intermediate_size', 0)})\nnext to the routed ones, and q/k/v "
+                     "biases.",
+    }[family]
+    extra_tok = "" if family == "mixtral" else (
+        "\nThe corpus split and the tokenizer training do not depend on the architecture, so this tokenizer\n"
+        "(`tokenizer.json`) is byte-identical to that of `models/mopeq-tiny-moe`, and both models share the data\n"
+        "files.")
     text = f"""---
 license: other
 license_name: psf-2.0
 library_name: transformers
 pipeline_tag: text-generation
-tags: [mixtral, moe, tiny, mopeq]
+tags: [{cfg.model_type}, moe, tiny, mopeq]
 ---
 
-# mopeq-tiny-moe
+# {out.name}
 
-A tiny Mixtral-architecture Mixture-of-Experts causal language model, trained from scratch on CPU on the Python
+A tiny {fam['name']}-architecture Mixture-of-Experts causal language model, trained from scratch on CPU on the Python
 standard library's source code. It exists so that MoPEQ's demo and quality tests have a small *trained* MoE (with
 experts that differ in how much they matter) that needs no network. It is not useful for anything else.
 
 ## Architecture
-`MixtralForCausalLM`: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads
-({cfg.num_key_value_heads} KV heads, head dim {cfg.head_dim}), {cfg.num_local_experts} experts per layer, top-{cfg.num_experts_per_tok}
-routing, expert intermediate size {cfg.intermediate_size}, vocabulary {cfg.vocab_size} (byte-level BPE), context
+`{fam['cls']}`: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads
+({cfg.num_key_value_heads} KV heads, head dim {head_dim}), {num_experts(cfg)} experts per layer, top-{cfg.num_experts_per_tok}
+routing, expert intermediate size {expert_intermediate(cfg)}, vocabulary {cfg.vocab_size} (byte-level BPE), context
 {cfg.max_position_embeddings} tokens, tied input/output embeddings: {cfg.tie_word_embeddings}.
 {info['params']:,} parameters ({info['expert_params']:,} in experts), stored in **float32**;
 `model.safetensors` is {info['checkpoint_bytes'] / 2**20:.2f} MiB ({info['checkpoint_bytes']:,} bytes), in the Hub's
-per-expert layout (`model.layers.L.block_sparse_moe.experts.E.w1/w2/w3.weight`), which transformers 5 fuses into
-`experts.gate_up_proj` / `experts.down_proj` on load.
+per-expert layout ({fam['layout']}), which transformers 5 fuses into
+`experts.gate_up_proj` / `experts.down_proj` on load.{extra_arch}
 
 ## Data
 The `*.py` files of the CPython {info['python']} standard library (`sysconfig.get_paths()["stdlib"]`, without
@@ -588,7 +768,7 @@ derivative of it and is distributed under the same terms.
 
 ## Training
 Tokenizer: byte-level BPE trained with `tokenizers` on the train split (`<pad>`=0, `<s>`=1, `</s>`=2; `<s>` is
-prepended by the tokenizer). Model: seed {info['seed']}, AdamW (lr {info['args']['lr']}, betas 0.9/0.95, weight decay
+prepended by the tokenizer).{extra_tok} Model: seed {info['seed']}, AdamW (lr {info['args']['lr']}, betas 0.9/0.95, weight decay
 {info['args']['weight_decay']}), {info['args']['warmup']} warm-up steps then cosine decay, gradient clipping 1.0,
 batch {info['args']['batch']} × {info['args']['seq_len']} tokens, router load-balancing loss (Switch
 Transformer's, computed per layer and averaged over layers) with coefficient {info['args']['aux_coef']}; {info['steps']} steps ({info['tokens_seen']:,} tokens) in {info['train_minutes']} min on
@@ -598,7 +778,7 @@ Transformer's, computed per layer and averaged over layers) with coefficient {in
 Perplexity on the first {info['eval_tokens']:,} tokens of `data/eval.txt` (non-overlapping {info['args']['seq_len']}-token
 windows): **{info['eval_ppl']:.2f}**; the same architecture at its seed-{info['seed']} random init: {info['untrained_eval_ppl']:.0f}.
 
-Share of routed top-{cfg.num_experts_per_tok} slots per expert on that text (uniform would be {1 / cfg.num_local_experts:.3f}):
+Share of routed top-{cfg.num_experts_per_tok} slots per expert on that text (uniform would be {1 / num_experts(cfg):.3f}):
 
 | layer | min share | max share |
 |---|---|---|
