@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from app.schemas.common import TOKEN_PATTERN, HubToken, PathText
 from app.schemas.jobs import REVISION_PATTERN, BudgetIn, CalibrationIn, Strict
+from mopeq_core.config import QUANTIZERS
 
 
 class EstimateIn(Strict):
@@ -16,7 +17,8 @@ class EstimateIn(Strict):
     symmetric: bool = True
     budget: BudgetIn | None = Field(None, description="When given, the answer says whether it is feasible")
     trust_remote_code: bool = False
-    quantizer: str = Field("gptq", max_length=32, description="gptq adds its Hessians to the calibration memory")
+    quantizer: Literal[QUANTIZERS] = Field("gptq",  # type: ignore[valid-type]
+                                           description="gptq adds its Hessians to the calibration memory")
     calibration: CalibrationIn = Field(default_factory=CalibrationIn,
                                        description="Sizes the calibration memory and checks the server's bounds")
     hf_token: HubToken | None = Field(None, max_length=1000,

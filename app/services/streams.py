@@ -25,6 +25,3 @@ class StreamSlots:
             if self._open[key_id] <= 0:
                 del self._open[key_id]
 
-    def open(self, key_id: str) -> int:
-        with self._lock:
-            return self._open[key_id]
