@@ -179,6 +179,7 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
     except UserInputError as exc:
         raise from_user_error(exc) from exc
     plan = calibration_plan(body, ck.config, est.layers, settings)
+    limits.check_output_size(settings, est.max_bytes)
 
     job = Job(
         owner_key_id=who.key_id, status="queued", progress=0.0, model=body.model, model_source=ref.source,

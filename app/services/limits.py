@@ -49,6 +49,15 @@ def admit(db: Session, key_id: str, max_concurrent_jobs: int) -> None:
 
 
 # ---- sizes ---------------------------------------------------------------------------------------------------------
+def check_output_size(settings: Settings, est_output_bytes: int) -> None:
+    """A job whose estimated output alone exceeds the artifact store's quota can never finish: refuse it now (the
+    worker still checks the store's real use before the job starts and after its export)."""
+    quota = settings.ARTIFACT_MAX_BYTES
+    if quota > 0 and est_output_bytes > quota:
+        raise _too_big("the estimated output (bytes)", est_output_bytes, quota, "MOPEQ_ARTIFACT_MAX_BYTES",
+                       "use a smaller model or ask the operator for a larger store")
+
+
 def _sub_configs(config: dict[str, Any]) -> list[dict[str, Any]]:
     subs = [config.get(k) for k in ("text_config", "language_config", "llm_config")]
     return [config, *(s for s in subs if isinstance(s, dict))]

@@ -576,31 +576,44 @@ def test_stream_bounds_per_key_and_poll_floor(lone: LoneApi) -> None:
             c.close()
 
 
-def test_bootstrap_key_stays_revoked_until_the_operator_changes_it(tmp_path: Path, model_root: Path) -> None:
-    """In-process app instances on one SQLite home stand for restarts of the API."""
+def _in_process(home: Path, model_root: Path) -> Any:
+    """A factory of in-process apps on one SQLite home (each one stands for a start of the API with the given
+    environment overrides)."""
     from fastapi.testclient import TestClient
     from svc_util import service_env, settings_from_env
 
     from app.db.migrate import upgrade
     from app.main import create_app
 
-    env = service_env(tmp_path, model_root)
+    env = service_env(home, model_root)
     upgrade(settings_from_env(env).database_url)
+    return lambda **over: TestClient(create_app(settings_from_env({**env, **{k: str(v) for k, v in over.items()}})))
 
-    def client(boot: str) -> TestClient:
-        return TestClient(create_app(settings_from_env({**env, "MOPEQ_BOOTSTRAP_API_KEY": boot})))
 
-    with client(BOOT_KEY) as c:
+def test_bootstrap_key_stays_revoked_until_the_operator_changes_it(tmp_path: Path, model_root: Path) -> None:
+    client = _in_process(tmp_path, model_root)
+    with client(MOPEQ_BOOTSTRAP_API_KEY=BOOT_KEY) as c:
         assert c.get("/v1/jobs", headers=auth()).status_code == 200
         r = c.delete("/v1/admin/keys/bootstrap", headers=auth())
         assert r.status_code == 200 and r.json()["revoked_at"], r.text
         assert c.get("/v1/jobs", headers=auth()).status_code == 401
-    with client(BOOT_KEY) as c:  # a restart with the same key: still revoked
+    with client(MOPEQ_BOOTSTRAP_API_KEY=BOOT_KEY) as c:  # a restart with the same key: still revoked
         assert c.get("/v1/jobs", headers=auth()).status_code == 401
     new = "boot-" + uuid.uuid4().hex
-    with client(new) as c:  # the operator set another key: it works, the old one does not
+    with client(MOPEQ_BOOTSTRAP_API_KEY=new) as c:  # the operator set another key: it works, the old one does not
         assert c.get("/v1/jobs", headers=auth(new)).status_code == 200
         assert c.get("/v1/jobs", headers=auth()).status_code == 401
+
+
+def test_output_larger_than_the_store_quota_is_422(tmp_path: Path, model_root: Path) -> None:
+    """The artifact store's quota bounds a job at submit too: an output estimated above it can never be kept."""
+    client = _in_process(tmp_path, model_root)
+    body = {"model": "tiny-moe", **FAST_JOB}
+    with client(MOPEQ_ARTIFACT_MAX_BYTES=1000) as c:
+        r = c.post("/v1/jobs", json=body, headers=auth())
+        assert r.status_code == 422 and "MOPEQ_ARTIFACT_MAX_BYTES" in r.json()["detail"], r.text
+    with client(MOPEQ_ARTIFACT_MAX_BYTES=10**9) as c:
+        assert c.post("/v1/jobs", json=body, headers=auth()).status_code == 202
 
 
 MALFORMED = {
