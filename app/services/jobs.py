@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.core.security import Keyring
 from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, JobWebhook, utcnow
+from app.schemas.estimate import EstimateIn
 from app.schemas.jobs import (
     BudgetOut,
     CalibrationIn,
@@ -112,7 +113,7 @@ def _data_file(value: str | None, settings: Settings, what: str) -> str | None:
     return str(path)
 
 
-def calibration_plan(body: JobCreate | Any, config: dict[str, Any], layers: list[Any],
+def calibration_plan(body: JobCreate | EstimateIn, config: dict[str, Any], layers: list[Any],
                      settings: Settings) -> limits.CalibrationPlan:
     """The job's (or estimate request's) calibration sizes, checked against the model and the server's bounds."""
     calib = body.calibration
