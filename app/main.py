@@ -21,6 +21,7 @@ from app.db.session import make_engine, make_sessionmaker
 from app.schemas.common import document_errors
 from app.services.errors import ServiceError
 from app.services.ratelimit import RateLimiter
+from app.services.streams import StreamSlots
 
 log = logging.getLogger("mopeq.api")
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = Keyring(settings.secret_key())
     app.state.celery = make_celery(settings, main="mopeq-api")
     app.state.ratelimiter = RateLimiter()
+    app.state.streams = StreamSlots()
     app.state.metrics = Metrics(app.state)
 
     @app.exception_handler(ServiceError)

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.core.security import forget_secret, redact, register_secret
 from app.db.models import Artifact, ExpertAllocation, Job, utcnow
+from app.services import tenant_files
 from app.services.errors import error_code
 from app.services.events import add_event
 from mopeq_core.errors import CancelledError, UserInputError
@@ -109,6 +110,7 @@ class JobRun:
         self.delays = _parse_delays(self.s.DEBUG_STAGE_DELAY)
         self.out_dir = self.s.artifact_dir / job_id
         self.state_dir = self.s.work_dir / job_id / "state"
+        self.model_view = self.s.work_dir / job_id / "model"
 
     # ---- database helpers -----------------------------------------------------------------------------------------
     def _mine(self):
@@ -231,6 +233,7 @@ class JobRun:
                          should_cancel=self.should_cancel)
             self._check_quota_after_export()
             self._close_stage()
+            self._hide_server_paths(job)
             self._record_results(job, result)
             if job.push_requested:
                 self._push(job)
@@ -322,14 +325,17 @@ class JobRun:
         from mopeq_core.config import Budget, QuantizeConfig
 
         if job.model_source == "local":
-            path = Path(job.model_path or job.model).resolve()
+            # The engine reads a private copy made from files checked as they were opened, never the tenant's
+            # directory itself (app.services.tenant_files); data files are checked the same way.
             roots = self.s.model_roots
-            if not any(path == r or path.is_relative_to(r) for r in roots):
-                raise UserInputError(f"model path '{job.model}' is no longer inside the worker's model roots "
-                                     "(MOPEQ_MODEL_ROOTS)")
-            model, revision = str(path), None
+            view = tenant_files.snapshot_model_dir(Path(job.model_path or job.model), self.model_view, roots,
+                                                   where=job.model)
+            model, revision = str(view), None
         else:
             model, revision = job.model, job.resolved_revision or job.revision
+        for what, data in (("calibration file", job.calib_file), ("evaluation file", job.eval_file)):
+            if data:
+                tenant_files.check_file(Path(data), self.s.model_roots, where=what)
         opts = job.options or {}
         cfg = QuantizeConfig(
             model=model, revision=revision, budget=Budget(avg_bits=job.budget_avg_bits, gb=job.budget_gb),
@@ -392,6 +398,25 @@ class JobRun:
         if used > quota:
             raise DiskSpaceError(f"the artifact store is full: {used} bytes used (this job's output: {mine}) > "
                                  f"MOPEQ_ARTIFACT_MAX_BYTES={quota}; the job's files were removed")
+
+    def _hide_server_paths(self, job: Job) -> None:
+        """Tenants see no server paths: the artifact's text files name the model as it was submitted and the
+        output directory as '.'. The engine wrote its own paths there (bitmap.json, report.json, README.md)."""
+        names = {str(self.model_view): job.model, str(self.out_dir): ".", str(self.s.work_dir / self.job_id): "."}
+        if job.model_path:
+            names[job.model_path] = job.model
+        pairs = sorted(names.items(), key=lambda kv: -len(kv[0]))
+        for p in self.out_dir.rglob("*"):
+            if p.suffix not in (".json", ".md", ".txt", ".yaml", ".yml") or p.is_symlink() or not p.is_file() \
+                    or p.stat().st_size > 64 << 20:
+                continue
+            text = original = p.read_text(errors="surrogateescape")
+            for old, new in pairs:
+                if p.suffix == ".json":  # as the JSON text spells them
+                    old, new = json.dumps(old)[1:-1], json.dumps(new)[1:-1]
+                text = text.replace(old, new)
+            if text != original:
+                p.write_text(text, errors="surrogateescape")
 
     def _record_results(self, job: Job, result: RunSummary) -> None:
         """One transaction: allocation rows from the run's bit map and one artifact row per file (replacing any

@@ -43,14 +43,22 @@ def _unauthorized(msg: str) -> ServiceError:
     return ServiceError(401, "unauthorized", msg, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _ensure_bootstrap_row(factory: sessionmaker[Session], keyring: Keyring, key: str) -> None:
+def _bootstrap_usable(factory: sessionmaker[Session], keyring: Keyring, key: str) -> bool:
+    """The bootstrap key's row, made on first use. Revoking it (DELETE /v1/admin/keys/bootstrap) holds until the
+    operator sets another MOPEQ_BOOTSTRAP_API_KEY: a row whose hash is of an older key is renewed, unrevoked."""
+    digest = keyring.hash_key(key)
     try:
         with factory() as db, db.begin():
-            if db.get(ApiKey, BOOTSTRAP_KEY_ID) is None:
-                db.add(ApiKey(id=BOOTSTRAP_KEY_ID, name="bootstrap (MOPEQ_BOOTSTRAP_API_KEY)",
-                              key_hash=keyring.hash_key(key), scope="admin"))
+            row = db.get(ApiKey, BOOTSTRAP_KEY_ID)
+            if row is None:
+                db.add(ApiKey(id=BOOTSTRAP_KEY_ID, name="bootstrap (MOPEQ_BOOTSTRAP_API_KEY)", key_hash=digest,
+                              scope="admin"))
+                return True
+            if not hmac.compare_digest(row.key_hash, digest):  # the operator changed the key
+                row.key_hash, row.revoked_at = digest, None
+            return row.revoked_at is None
     except IntegrityError:
-        pass  # created concurrently
+        return True  # created concurrently, unrevoked
 
 
 def current_principal(
@@ -69,7 +77,8 @@ def current_principal(
     who: Principal | None = None
     boot = settings.BOOTSTRAP_API_KEY.get_secret_value() if settings.BOOTSTRAP_API_KEY else ""
     if boot and hmac.compare_digest(keyring.hash_key(presented), keyring.hash_key(boot)):
-        _ensure_bootstrap_row(factory, keyring, boot)
+        if not _bootstrap_usable(factory, keyring, boot):
+            raise _unauthorized("invalid or revoked API key")
         who = Principal(BOOTSTRAP_KEY_ID, "admin", "bootstrap", settings.RATE_LIMIT_PER_MINUTE,
                         settings.MAX_CONCURRENT_JOBS)
     else:

@@ -57,6 +57,15 @@ class Settings(BaseSettings):
     MAX_CONCURRENT_JOBS: int = 4
     MAX_BODY_BYTES: int = 1 << 20
 
+    # Bounds on what a tenant's job may ask for (app.services.limits checks them at submit; 422 names the bound).
+    MAX_CALIB_TOKENS: int = 1 << 20  # calibration samples x seq_len per job (evaluation: the same bound)
+    MAX_SAMPLES: int = 8192  # calibration and evaluation samples per job
+    MAX_PROBES: int = 1024  # Hutchinson probes per job
+    MAX_CALIB_MEMORY_GB: float = 8.0  # estimated calibration activations (tokens x hidden size, fp32, in + out)
+    # Event streams (GET /v1/jobs/{id}/events): the fastest poll a client may ask for, open streams per key.
+    SSE_MIN_POLL_S: float = 0.25
+    SSE_MAX_STREAMS_PER_KEY: int = 8
+
     # Worker
     QUEUE: str = "gpu"
     JOB_TIMEOUT_S: int = 6 * 3600

@@ -77,6 +77,8 @@ class ApiKey(Base):
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Jobs admitted so far; bumped under the row's lock by every admission (app.services.limits.admit).
+    admissions: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Job(Base):

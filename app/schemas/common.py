@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, SecretStr
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 TOKEN_PATTERN = r"^[!-~]+$"  # printable ASCII, no spaces: what a Hub access token is (and what an HTTP header holds)
 
 
@@ -13,6 +14,24 @@ def _hub_token(v: SecretStr) -> SecretStr:
         raise ValueError("must be a Hugging Face access token: printable ASCII without spaces")
     return v
 
+
+def control_char_error(value: str) -> str | None:
+    """Why ``value`` cannot be a path or model name (it holds a control character such as NUL), else None. The one
+    rule for every path field: the schemas refuse with it, and app.services.models checks it again."""
+    m = _CONTROL.search(value)
+    return None if m is None else (f"contains the control character {m.group()!r} at position {m.start()}; paths "
+                                   "and model names are plain text")
+
+
+def _path_text(v: str) -> str:
+    err = control_char_error(v)
+    if err:
+        raise ValueError(err)
+    return v
+
+
+# A path or model name field: control characters (NUL, newlines, ...) are a 422 naming the field.
+PathText = Annotated[str, AfterValidator(_path_text)]
 
 # A write-only Hub token field: ``hf_token: HubToken | None = Field(None, max_length=1000, json_schema_extra=...)``
 HubToken = Annotated[SecretStr, AfterValidator(_hub_token)]

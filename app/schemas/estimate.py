@@ -1,21 +1,26 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas.common import TOKEN_PATTERN, HubToken
-from app.schemas.jobs import REVISION_PATTERN, BudgetIn, Strict
+from app.schemas.common import TOKEN_PATTERN, HubToken, PathText
+from app.schemas.jobs import REVISION_PATTERN, BudgetIn, CalibrationIn, Strict
+from mopeq_core.config import QUANTIZERS
 
 
 class EstimateIn(Strict):
-    model: str = Field(min_length=1, max_length=500)
+    model: PathText = Field(min_length=1, max_length=500)
     revision: str | None = Field(None, pattern=REVISION_PATTERN)
     bits: list[int] = Field(default_factory=lambda: [2, 3, 4], min_length=1, max_length=4)
     group_size: int = Field(128, ge=8, le=8192)
     symmetric: bool = True
     budget: BudgetIn | None = Field(None, description="When given, the answer says whether it is feasible")
     trust_remote_code: bool = False
+    quantizer: Literal[QUANTIZERS] = Field("gptq",  # type: ignore[valid-type]
+                                           description="gptq adds its Hessians to the calibration memory")
+    calibration: CalibrationIn = Field(default_factory=CalibrationIn,
+                                       description="Sizes the calibration memory and checks the server's bounds")
     hf_token: HubToken | None = Field(None, max_length=1000,
                                       json_schema_extra={"writeOnly": True, "pattern": TOKEN_PATTERN})
 
@@ -50,5 +55,7 @@ class EstimateOut(BaseModel):
     max_gb: float
     feasible: dict[str, Any] = Field(description="Feasible budget range in avg_bits, gb and bytes")
     layers: list[MoELayerOut]
+    calibration: dict[str, Any] | None = Field(None, description="seq_len, tokens and estimated calibration memory "
+                                                                 "(activation_bytes, hessian_bytes, memory_bytes)")
     budget_feasible: bool | None = None
     budget_message: str | None = None

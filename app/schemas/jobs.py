@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas.common import TOKEN_PATTERN, HubToken
+from app.schemas.common import TOKEN_PATTERN, HubToken, PathText
 from app.schemas.webhooks import WebhookIn
 from mopeq_core.config import ALLOCATORS, FORMATS, QUANTIZERS, SENSITIVITY_METHODS
 
@@ -46,14 +46,14 @@ class BudgetIn(Strict):
 
 
 class CalibrationIn(Strict):
-    file: str | None = Field(None, max_length=1000,
-                             description="A .txt or .jsonl file under the server's model roots (default: built-in text)")
+    file: PathText | None = Field(None, max_length=1000,
+                                  description="A .txt or .jsonl file under the server's model roots (default: built-in text)")
     samples: int = Field(32, ge=1, le=100_000)
     seq_len: int = Field(256, ge=8, le=32_768)
 
 
 class EvaluationIn(Strict):
-    file: str | None = Field(None, max_length=1000)
+    file: PathText | None = Field(None, max_length=1000)
     samples: int = Field(64, ge=1, le=100_000)
     suites: list[str] = Field(default_factory=list, max_length=8,
                               description='Evaluation suites run before and after, e.g. "lm-eval:TASK[,TASK]" or '
@@ -68,7 +68,7 @@ class PushIn(Strict):
 
 
 class JobCreate(Strict):
-    model: str = Field(min_length=1, max_length=500, description="Hub repo id (org/name) or a local directory "
+    model: PathText = Field(min_length=1, max_length=500, description="Hub repo id (org/name) or a local directory "
                                                                  "under the server's MOPEQ_MODEL_ROOTS")
     revision: str | None = Field(None, pattern=REVISION_PATTERN, description="Branch, tag or commit (Hub models)")
     budget: BudgetIn = Field(default_factory=lambda: BudgetIn(avg_bits=3.0))
@@ -172,7 +172,7 @@ class AllocationOut(BaseModel):
 class ArtifactOut(BaseModel):
     kind: str
     name: str
-    uri: str
+    uri: str = Field(description="Where to get it: the download URL of a file, the Hub URL of a push")
     sha256: str | None
     bytes: int | None
     hub_repo: str | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.services.tenant_files import PathRefused
 from mopeq_core.errors import (
     InfeasibleBudgetError,
     ModelNotFoundError,
@@ -25,6 +26,7 @@ class ServiceError(Exception):
 
 
 _CODES: list[tuple[type[Exception], str]] = [
+    (PathRefused, "path_not_allowed"),
     (InfeasibleBudgetError, "infeasible_budget"),
     (ModelNotFoundError, "model_not_found"),
     (NotMoEError, "not_moe"),

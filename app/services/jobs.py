@@ -16,7 +16,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.core.security import Keyring
 from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, JobWebhook, utcnow
+<<<<<<< HEAD
 from app.schemas.jobs import JobCreate
+=======
+from app.schemas.estimate import EstimateIn
+from app.schemas.jobs import (
+    BudgetOut,
+    CalibrationIn,
+    EvaluationIn,
+    JobCreate,
+    JobOut,
+    PushOut,
+)
+from app.services import limits, tenant_files
+>>>>>>> issue16
 from app.services import models as model_svc
 from app.services.errors import ServiceError, from_user_error, not_found
 from app.services.events import add_event
@@ -79,7 +92,23 @@ def _data_file(value: str | None, settings: Settings, what: str) -> str | None:
                            "(MOPEQ_MODEL_ROOTS)")
     if path.suffix not in (".txt", ".jsonl"):
         raise ServiceError(422, "invalid_input", f"{what} '{value}' must end in .txt or .jsonl")
+    try:
+        tenant_files.check_file(path, settings.model_roots, where=what)  # the worker checks again
+    except UserInputError as exc:
+        raise from_user_error(exc) from exc
     return str(path)
+
+
+def calibration_plan(body: JobCreate | EstimateIn, config: dict[str, Any], layers: list[Any],
+                     settings: Settings) -> limits.CalibrationPlan:
+    """The job's (or estimate request's) calibration sizes, checked against the model and the server's bounds."""
+    calib = body.calibration
+    ev = getattr(body, "evaluation", None)
+    return limits.plan_calibration(
+        settings, config, layers, samples=calib.samples,
+        seq_len=calib.seq_len if "seq_len" in calib.model_fields_set else None,
+        eval_samples=ev.samples if ev is not None and (ev.file or ev.suites) else None,
+        probes=getattr(body, "probes", 1), quantizer=getattr(body, "quantizer", "gptq"))
 
 
 @dataclass
@@ -113,13 +142,8 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
             if rec is not None:
                 return _replay(rec, rhash)
 
-    with factory() as db:
-        active = db.scalar(select(func.count()).select_from(Job).where(
-            Job.owner_key_id == who.key_id, Job.status.in_(("queued", "running"))))
-    if active is not None and active >= who.max_concurrent_jobs:
-        raise ServiceError(429, "too_many_jobs",
-                           f"this key already has {active} queued or running jobs (limit {who.max_concurrent_jobs}); "
-                           "wait for one to finish or cancel one", headers={"Retry-After": "30"})
+    with factory() as db:  # early, unlocked refusal; admit() below decides under the key's lock
+        limits.check_active_jobs(db, who.key_id, who.max_concurrent_jobs)
 
     # Everything is checked before anything is written.
     cfg = quantize_config(body)
@@ -141,6 +165,8 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         est.check_budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb)
     except UserInputError as exc:
         raise from_user_error(exc) from exc
+    plan = calibration_plan(body, ck.config, est.layers, settings)
+    limits.check_output_size(settings, est.max_bytes)
 
     job = Job(
         owner_key_id=who.key_id, status="queued", progress=0.0, model=body.model, model_source=ref.source,
@@ -149,10 +175,11 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         budget_avg_bits=body.budget.avg_bits, budget_gb=body.budget.gb, bits=list(cfg.bits),
         sensitivity=cfg.sensitivity, allocator=cfg.allocator, scope=cfg.scope, granularity=cfg.granularity,
         quantizer=cfg.quantizer, group_size=cfg.group_size, symmetric=cfg.symmetric, probes=cfg.probes,
-        calib_file=calib, calib_samples=cfg.calib_samples, seq_len=cfg.seq_len, eval_file=eval_file,
+        calib_file=calib, calib_samples=cfg.calib_samples, seq_len=plan.seq_len, eval_file=eval_file,
         eval_samples=cfg.eval_samples, format=cfg.format, trust_remote_code=cfg.trust_remote_code,
         options={"act_order": cfg.act_order, "low_memory": cfg.low_memory, "seed": cfg.seed,
-                 "eval_suites": list(cfg.eval_suites), "eval_suite_limit": cfg.eval_suite_limit},
+                 "eval_suites": list(cfg.eval_suites), "eval_suite_limit": cfg.eval_suite_limit,
+                 "calibration_estimate": plan.to_dict()},
         push_requested=body.push is not None, push_repo_id=body.push.repo_id if body.push else None,
         push_private=body.push.private if body.push else False,
         hf_token_enc=keyring.encrypt(token) if token else None,
@@ -160,6 +187,7 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         timings={})
     try:
         with factory() as db, db.begin():
+            limits.admit(db, who.key_id, who.max_concurrent_jobs)  # first: it takes the key's lock
             db.add(job)
             db.flush()
             add_event(db, job.id, "status", status="queued", progress=0.0, message="job queued")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.config import Settings
+from app.schemas.common import control_char_error
+from app.services import tenant_files
 from app.services.errors import ServiceError, from_user_error
 from mopeq_core.errors import RemoteCodeRequiredError, UserInputError
 from mopeq_core.estimate import (
@@ -36,6 +38,9 @@ def _inside(p: Path, roots: list[Path]) -> bool:
 
 
 def resolve_local_path(value: str, settings: Settings, *, what: str = "model path") -> Path | None:
+    err = control_char_error(value)
+    if err:
+        raise ServiceError(422, "invalid_input", f"{what} {err}")
     try:
         return _resolve_local_path(value, settings, what=what)
     except OSError as exc:  # e.g. ENAMETOOLONG from a name with hundreds of bytes in one component
@@ -81,8 +86,6 @@ def _resolve_local_path(value: str, settings: Settings, *, what: str = "model pa
 
 
 def resolve_model(model: str, settings: Settings) -> ModelRef:
-    if "\x00" in model:
-        raise ServiceError(422, "invalid_input", "model contains a NUL byte")
     local = resolve_local_path(model, settings)
     if local is not None:
         if not local.is_dir():
@@ -111,6 +114,7 @@ def inspect(ref: ModelRef, settings: Settings, *, revision: str | None, token: s
     try:
         if ref.source == "local":
             assert ref.path is not None
+            tenant_files.model_files(ref.path, settings.model_roots, where=ref.name)  # the worker checks again
             return inspect_local(ref.path, roots=settings.model_roots, allow_pickle=settings.ALLOW_PICKLE,
                                  trust_remote_code=trust_remote_code, label=ref.name)
         return inspect_hub(ref.name, revision=revision, token=token, allow_pickle=settings.ALLOW_PICKLE,

@@ -243,7 +243,7 @@ def test_scopes_on_every_route(cluster: Cluster) -> None:
 
         def call(key: str | None, _m: str = method, _u: str = url, _b: Any = body) -> Any:
             return cl.http.request(_m, _u, json=_b, headers=auth(key) if key else {"Authorization": ""},
-                                   params={"poll": 0.05} if _u.endswith("/events") else None)
+                                   params={"poll": 0.5} if _u.endswith("/events") else None)
 
         if scope == PUBLIC:
             assert call(None).status_code in (200, 503), (method, path)

@@ -141,7 +141,7 @@ BAD_INPUTS = [
     ("traversal", {"model": "{root}/../../../etc"}, 422, "path_not_allowed", "outside the server's allowed"),
     ("absolute outside", {"model": "/etc"}, 422, "path_not_allowed", "outside the server's allowed"),
     ("dir symlink escape", {"model": "escape"}, 422, "path_not_allowed", "outside the server's allowed"),
-    ("file symlink escape", {"model": "{root}/sneaky"}, 422, "invalid_input", "outside the allowed model roots"),
+    ("file symlink escape", {"model": "{root}/sneaky"}, 422, "path_not_allowed", "outside the allowed model roots"),
     ("missing local", {"model": "{root}/nothing-here"}, 422, "model_not_found", "does not exist"),
     ("name too long for the filesystem", {"model": "\u00e4" * 200}, 422, "invalid_input", "not a usable path"),
     ("boolean as a number", {"probes": True}, 422, "invalid_request", "got a boolean"),

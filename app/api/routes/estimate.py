@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from app.api.deps import CurrentPrincipal, SettingsDep
 from app.schemas.common import error_responses
 from app.schemas.estimate import EstimateIn, EstimateOut
+from app.services import jobs as job_svc
 from app.services import models as model_svc
 from mopeq_core.errors import UserInputError
 
@@ -21,7 +22,8 @@ def estimate(body: EstimateIn, who: CurrentPrincipal, settings: SettingsDep) -> 
     ck = model_svc.inspect(ref, settings, revision=body.revision, token=token,
                            trust_remote_code=body.trust_remote_code)
     est = model_svc.estimate(ck, bits=body.bits, group_size=body.group_size, symmetric=body.symmetric)
-    out = EstimateOut.model_validate(est.to_dict())
+    plan = job_svc.calibration_plan(body, ck.config, est.layers, settings)
+    out = EstimateOut.model_validate({**est.to_dict(), "calibration": plan.to_dict()})
     if body.budget is not None:
         try:
             est.check_budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb)

@@ -46,8 +46,9 @@ def hub_hook(request: Request, raw: Annotated[bytes, Depends(raw_body)], factory
         raise ServiceError(401, "unauthorized", detail)
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ServiceError(400, "malformed_json", "the request body is not valid JSON") from None
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, a 5000-digit number, nesting past the stack
+        raise ServiceError(400, "malformed_json", "the request body is not valid JSON (or nests too deep, or holds "
+                                                  "a number too long to read)") from None
     try:
         payload = HubPayload.model_validate(data)
     except ValidationError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,12 +17,13 @@ from sqlalchemy import select
 
 from app.api.deps import DB, CurrentPrincipal, Factory, KeyringDep, SettingsDep
 from app.core.celery_conf import enqueue
-from app.db.models import TERMINAL, Artifact, Job, utcnow
+from app.db.models import TERMINAL, ApiKey, Artifact, Job, utcnow
 from app.schemas.common import error_responses
 from app.schemas.jobs import AllocationOut, ArtifactOut, JobCreate, JobEventOut, JobList, JobOut, JobStatus
 from app.services import jobs as svc
 from app.services.errors import ServiceError
 from app.services.events import events_after
+from app.services.streams import StreamSlots
 
 log = logging.getLogger("mopeq.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -86,36 +87,63 @@ def cancel_job(job_id: str, who: CurrentPrincipal, factory: Factory) -> JobOut:
     return svc.job_out(svc.cancel_job(factory, who, job_id))
 
 
+def event_stream(request: Request, who: CurrentPrincipal, settings: SettingsDep,
+                 poll: Annotated[float, Query(gt=0, le=10, description="Seconds between database reads while "
+                                              "nothing happens; at least MOPEQ_SSE_MIN_POLL_S")] = 0.5
+                 ) -> Iterator[float]:
+    """One of the key's stream slots (at most MOPEQ_SSE_MAX_STREAMS_PER_KEY open at once, in this API process),
+    held until the response has been sent; yields the poll interval."""
+    if poll < settings.SSE_MIN_POLL_S:
+        raise ServiceError(422, "limit_exceeded", f"poll {poll:g} s is below this server's floor of "
+                                                  f"{settings.SSE_MIN_POLL_S:g} s (MOPEQ_SSE_MIN_POLL_S); poll less "
+                                                  "often: events are pushed as they happen anyway")
+    slots: StreamSlots = request.app.state.streams
+    if not slots.acquire(who.key_id, settings.SSE_MAX_STREAMS_PER_KEY):
+        raise ServiceError(429, "too_many_streams",
+                           f"this key already has {settings.SSE_MAX_STREAMS_PER_KEY} open event streams "
+                           "(MOPEQ_SSE_MAX_STREAMS_PER_KEY); close one first", headers={"Retry-After": "5"})
+    try:
+        yield poll
+    finally:
+        slots.release(who.key_id)
+
+
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses={**error_responses(*AUTH_ERRORS, 404, 422),
                        200: {"description": "Server-Sent Events: `event` is the kind (status, stage, progress, log), "
                                             "`id` the event id, `data` a JobEvent JSON object. The stream ends after "
-                                            "the job's final status event."}},
+                                            "the job's final status event, or with an `error` event when the key "
+                                            "is revoked."}},
             summary="Follow a job's events (SSE), resuming after Last-Event-ID")
-async def job_events(request: Request, job: OwnedJob, factory: Factory,
+async def job_events(request: Request, job: OwnedJob, who: CurrentPrincipal, factory: Factory,
+                     poll: Annotated[float, Depends(event_stream, scope="request")],
                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                      after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None,
-                     poll: Annotated[float, Query(ge=0.05, le=10)] = 0.5) -> AsyncIterator[ServerSentEvent]:
+                     ) -> AsyncIterator[ServerSentEvent]:
     cursor = after or 0
     if last_event_id:
         cursor = int(last_event_id) if last_event_id.strip().isdigit() else cursor
-    job_id = job.id
+    job_id, key_id = job.id, who.key_id
 
-    def fetch(cur: int) -> tuple[list[JobEventOut], str | None]:
+    def fetch(cur: int) -> tuple[list[JobEventOut], str | None, bool]:
         with factory() as db:
             evs = events_after(db, job_id, cur)
             status = db.scalar(select(Job.status).where(Job.id == job_id))
-            return [JobEventOut.model_validate(e, from_attributes=True) for e in evs], status
+            key_ok = db.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)))
+            return [JobEventOut.model_validate(e, from_attributes=True) for e in evs], status, key_ok is not None
 
     yield ServerSentEvent(comment="mopeq job events", retry=2000)
     while True:
-        evs, status = await anyio.to_thread.run_sync(fetch, cursor)
+        evs, status, key_ok = await anyio.to_thread.run_sync(fetch, cursor)
+        if not key_ok:  # revoked while the stream was open: it ends now
+            yield ServerSentEvent(event="error", data={"code": "unauthorized", "detail": "the API key was revoked"})
+            return
         for ev in evs:
             cursor = ev.id
             yield ServerSentEvent(id=str(ev.id), event=ev.kind, data=ev)
         if not evs and (status is None or status in TERMINAL):
             # One last read after the terminal status so nothing written just before it is lost.
-            evs, _ = await anyio.to_thread.run_sync(fetch, cursor)
+            evs, _, _ = await anyio.to_thread.run_sync(fetch, cursor)
             for ev in evs:
                 cursor = ev.id
                 yield ServerSentEvent(id=str(ev.id), event=ev.kind, data=ev)
@@ -148,9 +176,10 @@ def get_allocations(job: OwnedJob, db: DB) -> list[AllocationOut]:
 
 
 def _artifact_out(a: Artifact) -> ArtifactOut:
-    return ArtifactOut(kind=a.kind, name=a.name, uri=a.uri, sha256=a.sha256, bytes=a.bytes, hub_repo=a.hub_repo,
-                       hub_commit=a.hub_commit,
-                       download_url=f"/v1/jobs/{a.job_id}/artifacts/{a.name}" if a.kind == "file" else None)
+    # A file's stored uri is a server path: tenants get its download URL instead (a Hub artifact's uri is public).
+    download = f"/v1/jobs/{a.job_id}/artifacts/{a.name}" if a.kind == "file" else None
+    return ArtifactOut(kind=a.kind, name=a.name, uri=download or a.uri, sha256=a.sha256, bytes=a.bytes,
+                       hub_repo=a.hub_repo, hub_commit=a.hub_commit, download_url=download)
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], responses=error_responses(*AUTH_ERRORS, 404))
