@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mopeq_core import engine  # noqa: E402
 from mopeq_core.config import Budget, QuantizeConfig  # noqa: E402
 from mopeq_core.loader import load_quantized  # noqa: E402
 from mopeq_core.loading import load_model  # noqa: E402
-from mopeq_core import engine  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "mopeq-tiny-moe"
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env python
-"""Per-stage time and peak memory of both pipelines, each run in its own process.
+"""Per-stage time, peak memory, passes and bytes read of the engine, resident and streamed, each run in its own
+process.
 
-    .venv/bin/python bench/bench_pipeline.py                 # the shipped model and the 16-layer synthetic MoE
+    .venv/bin/python bench/bench_pipeline.py                 # the shipped model and the 24-layer synthetic MoE
     .venv/bin/python bench/bench_pipeline.py --only shipped
-    .venv/bin/python bench/bench_pipeline.py --only synthetic --allow-mb 256
+    .venv/bin/python bench/bench_pipeline.py --only synthetic
 
-* **shipped**: ``models/mopeq-tiny-moe`` with the in-memory pipeline (``hutchinson``) and ``--low-memory``
-  (``layer-hessian``), same calibration, GPTQ, 2.5 mean bits.
-* **synthetic**: a 16-layer Mixtral-architecture MoE with random float32 weights in the Hub per-expert layout
-  (``bench/synthetic_moe.py``, ~770 MiB), larger than the memory the low-memory run is allowed: a watchdog in the
-  child kills it if its RSS rises more than ``--allow-mb`` above its post-import baseline (default: a third of the
-  model's size). The in-memory pipeline runs on the same checkpoint without a limit, for contrast.
+* **shipped**: ``models/mopeq-tiny-moe`` with the same configuration (``hutchinson``, GPTQ, 2.5 mean bits) with
+  its layers resident and streamed: the bit maps must be the same.
+* **synthetic**: the 24-layer Mixtral-shaped MoE of issue 11 (hidden 1024, ffn 2048, 8 experts, random bfloat16
+  weights in the Hub per-expert layout, ``bench/synthetic_moe.py``, ~2.5 GB), streamed. A watchdog in the child
+  kills it if its RSS rises more than ``--allow-mb`` above its post-import baseline (default: 8x the largest
+  decoder layer's checkpoint bytes, the issue's bound).
 
 Memory is each child's own: VmHWM (the peak RSS of the process, which a fresh exec starts from zero) after
 importing torch/transformers/mopeq (the baseline) and after the run; per-stage peaks are the pipelines' own
@@ -36,16 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 STAGES = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export")
-SYNTH = dict(layers=16, hidden=1536, heads=12, kv_heads=12, ffn=64, experts=8, vocab=4096)
-
-
-def spearman(a, b) -> float:
-    import torch
-
-    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
-    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+SYNTH = dict(layers=24, hidden=1024, heads=8, kv_heads=8, ffn=2048, experts=8, vocab=4096)
 
 
 def vm_hwm_mb() -> float:
@@ -77,8 +69,9 @@ def child(args) -> int:
 
     import mopeq_core.allocate
     import mopeq_core.card
-    import mopeq_core.lowmem
-    import mopeq_core.pipeline  # noqa: F401
+    import mopeq_core.engine
+    import mopeq_core.sensitivity
+    import mopeq_core.streaming  # noqa: F401
     from mopeq_core.config import Budget, QuantizeConfig
 
     spec = json.loads(args.spec)
@@ -95,14 +88,7 @@ def child(args) -> int:
     cfg = QuantizeConfig(**{**spec["cfg"], "budget": Budget(**spec["cfg"]["budget"]),
                             "bits": tuple(spec["cfg"].get("bits", (2, 3, 4)))})
     t0 = time.perf_counter()
-    if cfg.low_memory:
-        from mopeq_core.lowmem import run_low_memory
-
-        r = run_low_memory(cfg, args.out)
-    else:
-        from mopeq_core.pipeline import run_quantization
-
-        r = run_quantization(cfg, args.out)
+    r = mopeq_core.engine.run(cfg, args.out)
     res = {"wall": time.perf_counter() - t0, "baseline_mb": base, "peak_mb": vm_hwm_mb(), "report": r.report,
            "bitmap": {"avg_bits": r.bitmap["avg_bits"], "method": r.bitmap["sensitivity"]["method"],
                       "sensitivity": [[e["sensitivity"] for e in L["experts"]] for L in r.bitmap["layers"]],
@@ -153,8 +139,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("shipped", "synthetic"), default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--probes", type=int, default=32, help="Hutchinson probes of the in-memory run (shipped)")
-    ap.add_argument("--allow-mb", type=float, default=None, help="memory allowed to the low-memory run (synthetic)")
+    ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes (shipped)")
+    ap.add_argument("--allow-mb", type=float, default=None, help="memory allowed to the streamed run (synthetic)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -174,10 +160,10 @@ def main(argv=None) -> int:
         calib, ev = str(REPO / "data" / "calib.jsonl"), str(REPO / "data" / "eval.txt")
         if args.only in (None, "shipped"):
             common = dict(model=str(REPO / "models" / "mopeq-tiny-moe"), budget={"avg_bits": 2.5},
-                          sensitivity="hutchinson", probes=args.probes, quantizer="gptq", group_size=32, calib_samples=16,
-                          seq_len=128, calib_file=calib, eval_file=ev, eval_samples=32)
-            runs = {"in-memory": run_child("shipped-in-memory", dict(common), work, args.threads),
-                    "low-memory": run_child("shipped-low-memory", dict(common, low_memory=True), work, args.threads)}
+                          sensitivity="hutchinson", probes=args.probes, quantizer="gptq", group_size=32,
+                          calib_samples=16, seq_len=128, calib_file=calib, eval_file=ev, eval_samples=32)
+            runs = {"resident": run_child("shipped-resident", dict(common), work, args.threads),
+                    "streamed": run_child("shipped-streamed", dict(common, low_memory=True), work, args.threads)}
             print("### Shipped model (`models/mopeq-tiny-moe`, 13.5 MiB float32)\n")
             print(f"Settings: {json.dumps(common)}\n")
             print("\n".join(table(runs)))
@@ -185,51 +171,44 @@ def main(argv=None) -> int:
                 if "error" in r:
                     ok = False
                     continue
-                p = r["report"]["perplexity"]
-                lm = r["report"].get("low_memory", {})
-                extra = (f"; bytes read {lm['bytes_read']:,} of {lm['checkpoint_bytes']:,}" if lm else "")
+                p, eng = r["report"]["perplexity"], r["report"]["engine"]
                 print(f"\n- {k}: sensitivity `{r['bitmap']['method']}`, avg bits {r['bitmap']['avg_bits']:.3f}, "
-                      f"perplexity FP {p['fp_perplexity']:.3f} -> quantized {p['quantized_perplexity']:.3f}{extra}; "
+                      f"perplexity FP {p['fp_perplexity']:.3f} -> quantized {p['quantized_perplexity']:.3f}; passes "
+                      f"{eng['passes']}; bytes read {eng['bytes_read']:,} (checkpoint {eng['checkpoint_bytes']}); "
                       f"baseline (after imports) {r['baseline_mb']:.0f} MiB")
             if all("error" not in r for r in runs.values()):
-                a, b = runs["low-memory"]["bitmap"]["sensitivity"], runs["in-memory"]["bitmap"]["sensitivity"]
-                flat = spearman(sum(a, []), sum(b, []))
-                per = [round(spearman(x, y), 3) for x, y in zip(a, b)]
-                print(f"\n- expert ranking, low-memory `layer-hessian` vs in-memory `hutchinson` "
-                      f"({runs['in-memory']['report']['sensitivity']['hutchinson']['probes']} probes, median relative "
-                      f"standard error {runs['in-memory']['report']['sensitivity']['hutchinson']['rel_std_err_median']:.3f}"
-                      f"): Spearman {flat:.3f} over all {len(sum(a, []))} experts; per layer {per}")
-                same = sum(x == y for p, q in zip(runs["low-memory"]["bitmap"]["bits"], runs["in-memory"]["bitmap"]["bits"])
-                           for x, y in zip(p, q))
-                print(f"- same width chosen for {same} of {len(sum(a, []))} experts")
+                same = runs["resident"]["bitmap"]["bits"] == runs["streamed"]["bitmap"]["bits"]
+                print(f"- same bit map resident and streamed: {same}")
+                ok = ok and same
             print()
         if args.only in (None, "synthetic"):
             from synthetic_moe import checkpoint_params, write_synthetic_mixtral
 
             t0 = time.perf_counter()
-            ck = write_synthetic_mixtral(work / "synthetic", dtype=torch.float32, **SYNTH)
-            size = checkpoint_params(**SYNTH)["total"] * 4 / 2**20
-            allow = args.allow_mb or round(size / 3)
-            common = dict(model=str(ck), budget={"avg_bits": 3.0}, bits=[2, 4], sensitivity="hutchinson",
-                          probes=4, quantizer="rtn", group_size=32, calib_samples=4, seq_len=64, calib_file=calib,
-                          eval_file=ev, eval_samples=2)
-            print(f"### Synthetic 16-layer MoE larger than the allowed memory\n\n{SYNTH}, random float32 weights "
-                  f"in the Hub per-expert layout, {size:.0f} MiB (written in {time.perf_counter() - t0:.1f} s); "
-                  f"the low-memory run is allowed {allow} MiB above its post-import baseline (a watchdog kills it "
-                  "beyond that); the in-memory run has no limit.\n")
+            ck = write_synthetic_mixtral(work / "synthetic", dtype=torch.bfloat16, **SYNTH)
+            size = sum(f.stat().st_size for f in ck.glob("*.safetensors")) / 2**20
+            params = checkpoint_params(**SYNTH)
+            layer_mb = params["per_layer"] * 2 / 2**20
+            allow = args.allow_mb or round(8 * layer_mb)
+            common = dict(model=str(ck), budget={"avg_bits": 3.0}, bits=[2, 3, 4], sensitivity="hutchinson",
+                          probes=2, quantizer="rtn", group_size=128, calib_samples=4, seq_len=64,
+                          calib_file=calib, eval_file=ev, eval_samples=2, low_memory=True)
+            print(f"### Synthetic 24-layer Mixtral-shaped MoE, streamed\n\n{SYNTH}, random bfloat16 weights in the "
+                  f"Hub per-expert layout, checkpoint {size:.0f} MiB (written in {time.perf_counter() - t0:.1f} s), "
+                  f"largest decoder layer about {layer_mb:.0f} MiB; the run is allowed {allow} MiB above its "
+                  "post-import baseline (a watchdog kills it beyond that).\n")
             print(f"Settings: {json.dumps({k: v for k, v in common.items() if k != 'model'})}\n")
-            runs = {"low-memory": run_child("synthetic-low-memory", dict(common, low_memory=True), work,
-                                            args.threads, allow_mb=allow),
-                    "in-memory": run_child("synthetic-in-memory", dict(common), work, args.threads)}
+            runs = {"streamed": run_child("synthetic-streamed", common, work, args.threads, allow_mb=allow)}
             print("\n".join(table(runs)))
-            for k, r in runs.items():
-                if "error" in r:
-                    ok = ok and k != "low-memory"
-                    continue
-                lm = r["report"].get("low_memory", {})
-                print(f"\n- {k}: peak RSS {r['peak_mb']:.0f} MiB, {r['peak_mb'] - r['baseline_mb']:.0f} MiB above "
-                      f"the {r['baseline_mb']:.0f} MiB baseline (model: {size:.0f} MiB)"
-                      + (f"; bytes read / checkpoint {lm['bytes_read'] / lm['checkpoint_bytes']:.3f}" if lm else ""))
+            r = runs["streamed"]
+            if "error" in r:
+                ok = False
+            else:
+                eng = r["report"]["engine"]
+                print(f"\n- peak RSS {r['peak_mb']:.0f} MiB = {r['peak_mb'] / size:.2f}x the checkpoint; "
+                      f"{r['peak_mb'] - r['baseline_mb']:.0f} MiB above the {r['baseline_mb']:.0f} MiB baseline = "
+                      f"{(r['peak_mb'] - r['baseline_mb']) / layer_mb:.1f}x the largest layer; passes {eng['passes']}; "
+                      f"bytes read / checkpoint {eng['bytes_read'] / eng['checkpoint_bytes']:.3f}")
             print()
     finally:
         shutil.rmtree(work, ignore_errors=True)

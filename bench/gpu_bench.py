@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """GPU benchmark: the whole MoPEQ pipeline on a Mixtral-8x7B-shaped MoE with random weights.
 
-    python bench/gpu_bench.py                       # H200: low-memory pipeline, 2 of 32 layers measured
-    python bench/gpu_bench.py --pipeline both       # also the in-memory pipeline on the same layers
+    python bench/gpu_bench.py                       # H200: the engine with streamed layers, 2 of 32 layers measured
+    python bench/gpu_bench.py --pipeline both       # also with the layers resident
     python bench/gpu_bench.py --scale small --device cpu   # a scaled-down shape that runs anywhere
 
 It writes a checkpoint with Mixtral-8x7B's shapes (hidden 4096, expert FFN 14336, 8 experts, top-2, 32 heads / 8 KV
@@ -43,8 +43,8 @@ SCALES = {
 }
 STAGES = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export")
 PER_LAYER_STAGES = {  # stages whose work is proportional to the number of decoder layers
-    "low-memory": ("calibrate", "sensitivity", "quantize", "evaluate", "export"),
-    "in-memory": STAGES,
+    "streamed": ("calibrate", "sensitivity", "quantize", "evaluate", "export"),
+    "resident": STAGES,
 }
 
 
@@ -68,33 +68,29 @@ def _run(pipeline: str, model_dir: Path, out: Path, args) -> dict:
                          quantizer=args.quantizer, group_size=args.group_size, sensitivity="hutchinson",
                          probes=args.probes, calib_samples=args.calib_samples, seq_len=args.seq_len,
                          calib_file=str(REPO / "data" / "calib.jsonl"), eval_file=str(REPO / "data" / "eval.txt"),
-                         eval_samples=args.eval_samples, device=args.device, low_memory=pipeline == "low-memory")
+                         eval_samples=args.eval_samples, device=args.device, low_memory=pipeline == "streamed")
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    if pipeline == "low-memory":
-        from mopeq_core.lowmem import run_low_memory
+    from mopeq_core.engine import run
 
-        result = run_low_memory(cfg, out)
-    else:
-        from mopeq_core.pipeline import run_quantization
-
-        result = run_quantization(cfg, out)
+    result = run(cfg, out)
     wall = time.perf_counter() - t0
     rep = result.report
     checks = {}
     checks["bitmap within budget"] = result.bitmap["expert_bytes"] <= rep["allocation"]["budget_expert_bytes"]
     ppl = rep["perplexity"]
     checks["finite perplexities"] = all(math.isfinite(ppl[k]) for k in ("fp_perplexity", "quantized_perplexity"))
-    if "bytes_read" in rep:
-        checks["bytes read <= 1.1 x checkpoint"] = rep["bytes_read"] <= 1.1 * rep["checkpoint_bytes"]
+    eng = rep["engine"]
+    if eng["checkpoint_bytes"]:  # calibrate, two sensitivity streams per probe batch, quantize
+        passes = sum(eng["passes"].values())
+        checks[f"bytes read <= {passes} passes x checkpoint"] = eng["bytes_read"] <= 1.05 * passes * eng[
+            "checkpoint_bytes"]
     checks["artifact loads and runs"] = _load_check(out, args.device)
     return {"pipeline": pipeline, "wall_seconds": wall, "stages": rep["stages"], "perplexity": ppl,
             "avg_bits": result.bitmap["avg_bits"], "checks": checks,
-            "bytes_read": rep.get("bytes_read"), "checkpoint_bytes": rep.get("checkpoint_bytes"),
-            "low_memory": {k: v for k, v in rep.get("low_memory", {}).items() if k != "layer_pass"},
-            "layer_pass": rep.get("low_memory", {}).get("layer_pass")}
+            "bytes_read": eng["bytes_read"], "checkpoint_bytes": eng["checkpoint_bytes"], "engine": eng}
 
 
 def _load_check(out: Path, device: str) -> bool:
@@ -128,7 +124,7 @@ def _fmt(x, digits=1) -> str:
 
 def _table(run: dict, layers: int) -> tuple[list[str], float]:
     scale = TARGET_LAYERS / layers
-    low = run["pipeline"] == "low-memory"
+    low = run["pipeline"] == "streamed"
     lines = [(f"| stage | seconds ({layers} layers, measured) | seconds ({TARGET_LAYERS} layers, extrapolated) | "
               "peak GPU MiB | peak RSS MiB |"), "|---|---:|---:|---:|---:|"]
     tot_m = tot_x = 0.0
@@ -156,19 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers written and measured (of 32)")
-    ap.add_argument("--pipeline", choices=("low-memory", "in-memory", "both"), default="low-memory")
+    ap.add_argument("--pipeline", choices=("streamed", "resident", "both"), default="streamed")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--quantizer", default="gptq")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--avg-bits", type=float, default=2.5)
-    ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes (in-memory pipeline only)")
+    ap.add_argument("--probes", type=int, default=16, help="Hutchinson probes ")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoint and outputs go (default tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
-    ap.add_argument("--run-one", choices=("low-memory", "in-memory"), help=argparse.SUPPRESS)
+    ap.add_argument("--run-one", choices=("streamed", "resident"), help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -219,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
               f"EXTRAPOLATED, not measured: per-layer stages x {TARGET_LAYERS / args.layers:g} (low-memory: "
               f"{', '.join(PER_LAYER_STAGES['low-memory'])}; fetch and allocate as measured; in-memory: every "
               "stage). Each pipeline runs in its own process.\n")
-        pipelines = ["low-memory", "in-memory"] if args.pipeline == "both" else [args.pipeline]
+        pipelines = ["streamed", "resident"] if args.pipeline == "both" else [args.pipeline]
         for p in pipelines:
             # each pipeline in its own process: peak RSS and GPU memory are its own
             child_json = work / f"run-{p}.json"
@@ -237,17 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             run["extrapolated_total_seconds"] = extrapolated
             print(f"## {p} pipeline (wall {run['wall_seconds']:.1f} s for {args.layers} layers)")
             print("\n".join(lines))
-            if p == "in-memory":
+            if p == "resident":
                 fp32 = checkpoint_params(layers=TARGET_LAYERS, **shape)["total"] * 4 / 2**30
-                print(f"(the in-memory pipeline holds the whole model in float32: {fp32:.0f} GiB for "
+                print(f"(resident layers hold the whole model in float32: {fp32:.0f} GiB for "
                       f"{TARGET_LAYERS} layers, plus gradients for its Hessian-vector products)")
-            if p == "low-memory":
-                lp = run.get("layer_pass") or {}
-                print(f"layer pass: read {lp.get('read_seconds')} s, forwards {lp.get('forward_seconds')} s, "
-                      f"traces {lp.get('trace_seconds')} s, candidates {lp.get('candidate_seconds')} s; "
-                      f"experts implementation {run['low_memory'].get('experts_implementation')}, compute dtype "
-                      f"{run['low_memory'].get('compute_dtype')}; bytes read {run['bytes_read']:,} of "
-                      f"{run['checkpoint_bytes']:,}")
+            if p == "streamed":
+                eng = run["engine"]
+                print(f"passes {eng['passes']}; layer loads {eng['layer_loads']}; bytes read {run['bytes_read']:,} "
+                      f"of {run['checkpoint_bytes']:,}")
                 if args.scale == "full":
                     verdict = "meets" if extrapolated <= TARGET_SECONDS else "MISSES"
                     print(f"extrapolated whole pipeline for {TARGET_LAYERS} layers: {extrapolated / 60:.1f} min "

@@ -33,8 +33,8 @@ def main() -> None:
     import torch
     import vlm_models as vm
 
-    from mopeq_core.config import Budget, QuantizeConfig
     from mopeq_core import engine
+    from mopeq_core.config import Budget, QuantizeConfig
 
     torch.set_num_threads(args.threads)
     models = [("Qwen3-VL-MoE tiny (random)", vm.build_qwen3_vl_moe, False),
