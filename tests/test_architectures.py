@@ -20,13 +20,13 @@ transformers = pytest.importorskip("transformers")
 import tiny_models as tm
 from safetensors import safe_open
 
+from mopeq_core import engine
 from mopeq_core.apply import apply_fake_quant
 from mopeq_core.calibrate import calibrate
 from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.loader import PackedLinear, load_packed_matrices, load_quantized
 from mopeq_core.loading import load_model
 from mopeq_core.moe import expert_param_names, find_expert_groups
-from mopeq_core import engine
 
 SPECS = {**tm.ARCHS, tm.STANDIN.name: tm.STANDIN}
 NAMES = list(SPECS)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mopeq_core import engine
 from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.data import read_records
 from mopeq_core.eval_suites import (
@@ -22,7 +23,6 @@ from mopeq_core.eval_suites import (
 )
 from mopeq_core.loader import load_quantized
 from mopeq_core.loading import load_model, load_tokenizer
-from mopeq_core import engine
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "mopeq-tiny-moe"

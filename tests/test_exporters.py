@@ -395,10 +395,10 @@ def test_pipeline_compressed_tensors_artifact_reproduces_report(model_dirs, tmp_
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mopeq_core import engine
     from mopeq_core.config import Budget
     from mopeq_core.data import read_texts, token_samples
     from mopeq_core.evaluate import mean_token_loss
-    from mopeq_core import engine
 
     eval_file = Path(tiny_models.REPO) / "data" / "eval.txt"
     cfg = QuantizeConfig(model=str(model_dirs["mixtral"]), budget=Budget(avg_bits=4.0), bits=(4,), group_size=G,

@@ -20,6 +20,7 @@ respx = pytest.importorskip("respx")
 
 import tiny_models as tm
 
+from mopeq_core import engine
 from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.errors import (
     ModelNotFoundError,
@@ -30,7 +31,6 @@ from mopeq_core.errors import (
     UserInputError,
 )
 from mopeq_core.loading import load_model, resolve_model
-from mopeq_core import engine
 
 SHA = "4f1c0c4e2b8d9a7e6f5a4b3c2d1e0f9a8b7c6d5e"
 

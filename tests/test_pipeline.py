@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mopeq_core import engine
 from mopeq_core.apply import apply_fake_quant
 from mopeq_core.artifact import INDEX_NAME, expert_tensor_bytes
 from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.data import read_texts, token_samples
+from mopeq_core.engine import STAGES
 from mopeq_core.errors import (
     ArtifactError,
     CalibrationDataError,
@@ -24,8 +26,6 @@ from mopeq_core.evaluate import mean_token_loss
 from mopeq_core.loader import load_packed_matrices, load_quantized
 from mopeq_core.loading import load_model, load_tokenizer
 from mopeq_core.moe import find_expert_groups
-from mopeq_core import engine
-from mopeq_core.engine import STAGES
 from mopeq_core.sizing import SCALE_BYTES, n_groups
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from mopeq_core import engine
 from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.data import read_texts, token_samples
 from mopeq_core.evaluate import mean_token_loss
 from mopeq_core.loader import load_quantized
 from mopeq_core.loading import load_tokenizer
-from mopeq_core import engine
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "mopeq-tiny-moe"

@@ -16,20 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.core.security import Keyring
 from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, JobWebhook, utcnow
-<<<<<<< HEAD
-from app.schemas.jobs import JobCreate
-=======
 from app.schemas.estimate import EstimateIn
-from app.schemas.jobs import (
-    BudgetOut,
-    CalibrationIn,
-    EvaluationIn,
-    JobCreate,
-    JobOut,
-    PushOut,
-)
+from app.schemas.jobs import JobCreate
 from app.services import limits, tenant_files
->>>>>>> issue16
 from app.services import models as model_svc
 from app.services.errors import ServiceError, from_user_error, not_found
 from app.services.events import add_event
