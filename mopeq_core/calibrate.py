@@ -82,7 +82,10 @@ class _Accumulator:
         for g in groups:
             for p in g.projections:
                 self.sq[(g.layer, p.name)] = torch.zeros(g.num_experts, dtype=torch.float64)
-                if collect_hessians:
+                if collect_hessians and only is not None:  # only the listed experts' (all-token passes)
+                    self.hs[(g.layer, p.name)] = {e: torch.zeros(p.in_features, p.in_features)
+                                                  for e in only.get(g.layer, ())}
+                elif collect_hessians:
                     self.hs[(g.layer, p.name)] = torch.zeros(g.num_experts, p.in_features, p.in_features)
 
     def wants(self, layer: int, e: int) -> bool:
@@ -93,7 +96,7 @@ class _Accumulator:
         self.sq[(g.layer, proj)][e] += float((x.double() ** 2).sum())
         if self.hs:
             h = self.hs[(g.layer, proj)]
-            h[e] += (x.t() @ x).to(h.device, h.dtype)
+            h[e] += (x.t() @ x).to(h[e].device, h[e].dtype)
 
     def add_expert_input(self, g: ExpertGroup, e: int, x: torch.Tensor) -> None:
         """Record tokens ``x`` [n, hidden] entering expert ``e``: its "in" projections and its intermediate."""

@@ -188,7 +188,8 @@ def probe_vector(seed: int, probe: int, layer: int, index: int, like: torch.Tens
     """Rademacher entries for one expert parameter of one probe. Drawn from (seed, probe, layer, parameter index)
     alone, so a probe is the same vector whichever order the layers are visited in."""
     gen = torch.Generator().manual_seed(((seed * 1_000_003 + probe) * 10_007 + layer) * 101 + index)
-    return (torch.randint(0, 2, like.shape, generator=gen) * 2 - 1).to(like.device, like.dtype)
+    v = torch.randint(0, 2, like.shape, generator=gen, dtype=torch.int8).to(like.device, like.dtype)
+    return v.mul_(2).sub_(1)  # int8 draws: no int64 copy of an expert-sized tensor
 
 
 class _LayerParams:
@@ -242,6 +243,16 @@ class _LayerParams:
             return [t for j, w in enumerate(self.fused)
                     for t in probe_vector(seed, probe, self.group.layer, j, w.detach()).unbind(0)]
         return [probe_vector(seed, probe, self.group.layer, j, p) for j, p in enumerate(self.params)]
+
+    def per_expert_dots(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        """Σ a·b over each expert's weights (a and b in ``params`` order)."""
+        if self.fused_mode:
+            E = self.group.num_experts
+            out = torch.zeros(E, dtype=torch.float64)
+            for n, (x, y) in enumerate(zip(a, b)):
+                out[n % E] += float(_inner(x.detach().double(), y.detach()))
+            return out
+        return self.per_expert([x * y for x, y in zip(a, b)])
 
     def per_expert(self, products: list[torch.Tensor]) -> torch.Tensor:
         if self.fused_mode:
@@ -313,8 +324,13 @@ def _grad(out, inputs, **kw) -> list[torch.Tensor]:
     return _zeros_for_unused(torch.autograd.grad(out, inputs, allow_unused=True, **kw), inputs)
 
 
+def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """<x, y> without an elementwise product tensor (autograd keeps only the two inputs)."""
+    return torch.dot(x.reshape(-1), y.reshape(-1).to(x.dtype))
+
+
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor | None]) -> torch.Tensor:
-    terms = [(x * y).sum() for x, y in zip(a, b) if y is not None]
+    terms = [_inner(x, y) for x, y in zip(a, b) if y is not None]
     return sum(terms) if terms else torch.zeros(())
 
 
@@ -348,35 +364,39 @@ class _StreamedLoss:
         return loss.sum() / max(self.fold_targets[fold], 1)
 
 
-def _tangents_through_layer(stream, layer, i, lp, x, emb, ins, vs) -> list[torch.Tensor]:
-    """J·(tangent_in, v) for each probe: the layer output's tangent (double-vjp identity). A function of its own so
-    that the graph (which holds the layer's weights) is gone when it returns."""
+def _tangents_through_layer(stream, layer, i, lp, x, emb, ins, vectors) -> list[torch.Tensor]:
+    """J·(tangent_in, v_k) for each probe k: the layer output's tangent (double-vjp identity). ``vectors(j)`` draws
+    probe j's v when it is needed, so one probe vector is held at a time. A function of its own so that the graph
+    (which holds the layer's weights) is gone when it returns."""
     with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
         x = x.detach().requires_grad_(True)
         y = stream.run_layer(layer, i, x, emb)
         w = torch.zeros_like(y, requires_grad=True)
-        gw = _grad((y * w).sum(), [x] + lp.params, create_graph=True)
-        return [torch.autograd.grad(_dot(gw, [t] + v), w, retain_graph=True)[0].detach() for t, v in zip(ins, vs)]
+        gw = _grad(_inner(y, w), [x] + lp.params, create_graph=True)
+        return [torch.autograd.grad(_dot(gw, [t] + vectors(j)), w, retain_graph=True)[0].detach()
+                for j, t in enumerate(ins)]
 
 
-def _hvp_through_layer(stream, layer, i, lp, x, emb, head, G, Gts, ins, vs):
-    """One layer of the backward stream: the input gradient, and per probe the input gradient's tangent and the
-    Hessian-vector product over the layer's expert parameters (forward-over-reverse of the layer's local
-    function ``<y, G>``, or of the loss for the top layer)."""
+def _hvp_through_layer(stream, layer, i, lp, x, emb, head, G, Gts, ins, vectors):
+    """One layer of the backward stream: the input gradient, and per probe the input gradient's tangent and
+    v·(Hv) per expert over the layer's expert parameters (forward-over-reverse of the layer's local function
+    ``<y, G>``, or of the loss for the top layer). One probe's vector and product are held at a time."""
     with torch.enable_grad(), _GradThroughExperts(stream.model, [lp.group] if lp.group else []):
         x = x.detach().requires_grad_(True)
         y = stream.run_layer(layer, i, x, emb)
-        s1 = head(y) if head is not None else (y * G).sum()
+        s1 = head(y) if head is not None else _inner(y, G)
         g1 = _grad(s1, [x] + lp.params, create_graph=True)
-        gts, hvs = [], []
-        for gt, t, v in zip(Gts, ins, vs):
+        gts, vhv = [], []
+        for j, (gt, t) in enumerate(zip(Gts, ins)):
+            v = vectors(j)
             s2 = _dot(g1, [t] + v)
             if gt is not None:
-                s2 = s2 + (y * gt).sum()
+                s2 = s2 + _inner(y, gt)
             g2 = _grad(s2, [x] + lp.params, retain_graph=True)
             gts.append(g2[0].detach())
-            hvs.append([h.detach() for h in g2[1:]])
-        return g1[0].detach(), gts, hvs
+            vhv.append(lp.per_expert_dots(v, g2[1:]) if lp.params else None)
+            del g2, v
+        return g1[0].detach(), gts, vhv
 
 
 def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, dict[int, torch.Tensor]]]:
@@ -391,17 +411,18 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
     stream.count_pass("sensitivity-forward")
     for i in range(sl.n - 1):
         with stream.layer(i) as layer, _LayerParams(stream.group_of.get(i)) as lp:
-            vs = {k: lp.vectors(seed, k) for k in probes}
+            def vectors(j, lp=lp):
+                return lp.vectors(seed, probes[j])
             for key, batch in sl.batches:
                 sl.check()
                 ins = [tangents.get((i, key, k)) for k in probes]
                 if not lp.params and all(t is None for t in ins):
                     continue
                 outs = _tangents_through_layer(stream, layer, i, lp, sl.inputs.get((i, key), stream.device),
-                                               stream.embed(key, batch), ins, [vs[k] for k in probes])
+                                               stream.embed(key, batch), ins, vectors)
                 for k, t in zip(probes, outs):
                     tangents[(i + 1, key, k)] = t
-        del lp, vs, layer  # the real weights of the layer: nothing keeps them once it is released
+        del lp, layer  # the real weights of the layer: nothing keeps them once it is released
     # -- backward: the gradient G and its tangent Gt, layer by layer from the top
     stream.count_pass("sensitivity-backward")
     est = [{k: {} for k in probes} for _ in range(sl.n_folds)]
@@ -409,7 +430,8 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
     Gt: dict = {}
     for i in range(sl.n - 1, -1, -1):
         with stream.layer(i) as layer, _LayerParams(stream.group_of.get(i)) as lp:
-            vs = {k: lp.vectors(seed, k) for k in probes}
+            def vectors(j, lp=lp):
+                return lp.vectors(seed, probes[j])
             for (key, batch), fold in zip(sl.batches, sl.folds):
                 sl.check()
                 top = i == sl.n - 1
@@ -417,17 +439,16 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
                 g_in, gt_in, hvs = _hvp_through_layer(
                     stream, layer, i, lp, sl.inputs.get((i, key), stream.device), stream.embed(key, batch),
                     head, None if top else G[key], [None if top else Gt[(key, k)] for k in probes],
-                    [tangents.get((i, key, k)) for k in probes], [vs[k] for k in probes])
+                    [tangents.get((i, key, k)) for k in probes], vectors)
                 G[key] = g_in
-                for k, gt, hv in zip(probes, gt_in, hvs):
+                for k, gt, per in zip(probes, gt_in, hvs):
                     Gt[(key, k)] = gt
-                    if lp.params:
-                        per = lp.per_expert([v * h for v, h in zip(vs[k], hv)])
+                    if per is not None:
                         acc = est[fold][k]
                         acc[lp.group.layer] = acc.get(lp.group.layer, 0) + per
                 for k in probes:
                     tangents.pop((i, key, k), None)
-        del lp, vs, layer
+        del lp, layer
     return est
 
 
@@ -495,7 +516,7 @@ def _grad_through_layer(stream, layer, i, lp, x, emb, unit, G) -> list[torch.Ten
             loss, count = stream.loss(unit, y)
             s = loss.sum() / count.sum().clamp(min=1)
         else:
-            s = (y * G).sum()
+            s = _inner(y, G)
         return [g.detach() for g in _grad(s, [x] + lp.params)]
 
 

@@ -116,6 +116,8 @@ class ModelStream:
         from transformers import AutoConfig
 
         from .errors import UnsupportedArchitectureError
+
+        _fixed_mmap_threshold()
         from .loader import _parameters_on_meta
         from .moe import find_expert_groups
         from .multimodal import auto_model_class
@@ -545,6 +547,19 @@ def _release_freed_memory() -> None:
 
 _LIBC = None
 
+
+
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Tensors of ``nbytes`` and more are mmapped and go back to the OS when freed. glibc's default threshold
+    grows with every large block freed, after which layer-sized tensors come from the heap and its fragmentation
+    keeps the pages of released layers resident (measured: calibration peak +422 MiB vs +191 MiB on the 12-layer
+    test checkpoint)."""
+    _release_freed_memory()  # loads libc
+    if _LIBC:
+        try:
+            _LIBC.mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
+        except AttributeError:
+            pass
 
 
 def _current_rss_mb() -> float:
