@@ -14,6 +14,9 @@ Formats (see docs/EXPORTS.md for who loads them and the exact commands):
 - ``gptq``: GPTQ (``checkpoint_format: "gptq"`` when symmetric, ``"gptq_v2"`` when asymmetric)
   ``qweight``/``qzeros``/``scales``/``g_idx`` per expert ``Linear`` with a GPTQModel ``dynamic`` map for experts whose width differs from the default and ``-:`` rules keeping the
   non-expert modules unquantized.
+- ``gguf``: one ``model.gguf`` (llama.cpp) whose expert tensors ``blk.N.ffn_{gate,up,down}_exps.weight`` carry the
+  allocated llama.cpp types (Q2_K/Q3_K/Q4_K/Q8_0, or Q4_0/Q8_0 for rows that are not a multiple of 256), written by
+  :mod:`mopeq_core.gguf_export` with the tokenizer; needs one width per layer x projection.
 - ``gguf-overrides``: ``tensor-types.txt`` for ``llama-quantize --tensor-type-file`` plus the fake-quantized model in
   safetensors for ``convert_hf_to_gguf.py``.
 
@@ -78,7 +81,7 @@ def precheck(fmt: str, cfg) -> None:
     not) express. Only what the configuration alone decides is checked (``--bits``, ``--granularity``,
     ``--asymmetric``); the exporters check the actual allocation again."""
     choices = sorted(set(getattr(cfg, "bits", ()) or ()))
-    layerwise = getattr(cfg, "granularity", "expert") == "layer"
+    layerwise = getattr(cfg, "granularity", "expert") in ("layer", "layer-projection")
     if fmt == "compressed-tensors":
         bad = [b for b in choices if b not in COMPRESSED_TENSORS_BITS]
         if bad:
@@ -93,6 +96,13 @@ def precheck(fmt: str, cfg) -> None:
         bad = [b for b in choices if b not in GPTQ_BITS]
         if bad:
             raise ExportError(f"--format gptq takes widths {list(GPTQ_BITS)}; --bits offers {bad}")
+    elif fmt == "gguf":
+        bad = [b for b in choices if b not in GGUF_TYPES]
+        if bad:
+            raise ExportError(f"--format gguf maps widths {sorted(GGUF_TYPES)} to llama.cpp types; --bits offers {bad}")
+        if len(choices) > 1 and not layerwise:
+            raise ExportError("--format gguf needs one width per MoE layer x projection (GGUF has one type per "
+                              "tensor): add --granularity layer-projection or --granularity layer")
     elif fmt == "gguf-overrides":
         bad = [b for b in choices if b not in GGUF_TYPES]
         if bad:
@@ -595,6 +605,24 @@ def export_gguf_overrides(out_dir: Path, model, groups, chosen, bits, cfg) -> li
     if (out_dir / "generation_config.json").exists():
         files.append(out_dir / "generation_config.json")
     return files
+
+
+@register("gguf")
+def export_gguf(out_dir: Path, model, groups, chosen, bits, cfg) -> list[Path]:
+    """One ``model.gguf`` (see :mod:`mopeq_core.gguf_export`); widths per layer x projection from ``chosen``."""
+    from .gguf_export import write_gguf
+
+    for stale in out_dir.glob("*.gguf"):
+        stale.unlink()
+    path = out_dir / "model.gguf"
+    tmp = out_dir / "model.gguf.partial"
+    try:
+        write_gguf(tmp, model, groups, chosen)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return [path]
 
 
 def gguf_commands(out_dir: str = "DIR", llama_cpp: str = "llama.cpp") -> list[str]:
