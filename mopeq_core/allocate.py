@@ -52,6 +52,7 @@ from mopeq_core.errors import InfeasibleBudgetError, UserInputError
 
 __all__ = [
     "ALLOCATORS",
+    "ENGINE_GRANULARITIES",
     "Allocation",
     "ExpertItem",
     "Pool",
@@ -66,6 +67,17 @@ __all__ = [
 
 DEFAULT_MAX_DP_CELLS = 300_000_000  # int8 cells of the DP choice table (≈ 300 MB) before falling back
 SCOPES = ("model", "layer")
+# Which granularities each serving target can run (docs/EXPORTS.md has the reasons): the widths one loader can express
+# inside a MoE layer. Keys are "engine (--format)".
+ENGINE_GRANULARITIES: dict[str, tuple[str, ...]] = {
+    "mopeq loader (mopeq)": ("expert", "layer-projection", "layer"),
+    "llama.cpp (gguf)": ("layer-projection", "layer"),
+    "transformers (compressed-tensors)": ("layer",),
+    "vLLM (compressed-tensors)": ("layer",),
+    "SGLang (compressed-tensors)": ("layer",),
+    "GPTQModel (gptq)": ("expert", "layer-projection", "layer"),
+    "vLLM (gptq)": ("layer",),
+}
 GRANULARITIES = ("expert", "layer", "layer-projection")
 
 

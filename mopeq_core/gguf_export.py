@@ -25,17 +25,24 @@ checkpoint's float type (F32, F16 or BF16; norms F32).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import ExportError
+
+if TYPE_CHECKING:
+    import torch
 
 QK_K = 256
 K_TYPES = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 8: "Q8_0"}
 LEGACY_TYPES = {4: "Q4_0", 8: "Q8_0"}
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 SUPPORTED_ARCHS = ("mixtral",)
+# (weights per block, bytes per block) of the ggml types used here (= gguf.GGML_QUANT_SIZES; kept here so that the
+# API's estimate needs neither gguf nor torch; a test checks the two agree)
+GGML_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q8_0": (32, 34),
+               "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144)}
 
 __all__ = [
     "ggml_block",
@@ -43,17 +50,15 @@ __all__ = [
     "ggml_type_for_width",
     "gguf_projection_cost",
     "gguf_sizes",
+    "gguf_widths",
     "quantize_k",
     "write_gguf",
 ]
 
 
 def ggml_block(type_name: str) -> tuple[int, int]:
-    """(weights per block, bytes per block) of a ggml type, from the ``gguf`` package's table."""
-    import gguf
-
-    t = gguf.GGMLQuantizationType[type_name.upper()]
-    return gguf.GGML_QUANT_SIZES[t]
+    """(weights per block, bytes per block) of a ggml type."""
+    return GGML_BLOCKS[type_name.upper()]
 
 
 def ggml_tensor_bytes(rows: int, row_len: int, type_name: str) -> int:
@@ -82,6 +87,11 @@ def gguf_projection_cost(out_features: int, in_features: int, bits: int) -> int:
         raise ValueError(f"no llama.cpp type stores {bits}-bit weights in rows of {in_features} (K-types need "
                          f"multiples of {QK_K}, Q4_0/Q8_0 multiples of 32)")
     return ggml_tensor_bytes(out_features, in_features, t)
+
+
+def gguf_widths(shapes: list[tuple[int, int]], bits) -> list[int]:
+    """The widths of ``bits`` that llama.cpp types can store for every projection ``[out, in]`` in ``shapes``."""
+    return [b for b in bits if all(ggml_type_for_width(b, i) is not None for _, i in shapes)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,7 +197,6 @@ def quantize_k(w: np.ndarray, type_name: str) -> np.ndarray:
     """Quantize ``w`` (float, last dimension = rows of a multiple of the type's block) into ggml ``type_name``:
     uint8 array of shape ``w.shape[:-1] + (row_bytes,)``, as ``gguf.GGUFWriter.add_tensor(raw_dtype=...)`` takes."""
     import gguf
-
     w = np.ascontiguousarray(w, dtype=np.float32)
     if type_name in _K_ENCODERS:
         if w.shape[-1] % QK_K:
@@ -204,10 +213,13 @@ def quantize_k(w: np.ndarray, type_name: str) -> np.ndarray:
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF rotate-half q/k rows -> llama.cpp's interleaved rotary layout (convert_hf_to_gguf's LlamaModel.permute)."""
+
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _float_type(dtype: torch.dtype) -> tuple[str, np.dtype | None]:
+    import torch
+
     if dtype == torch.float16:
         return "F16", np.float16
     if dtype == torch.bfloat16:
@@ -217,6 +229,7 @@ def _float_type(dtype: torch.dtype) -> tuple[str, np.dtype | None]:
 
 def _add_float(writer, name: str, t: torch.Tensor, kind: str) -> None:
     import gguf
+    import torch
 
     t = t.detach().cpu()
     if kind == "BF16":
@@ -275,6 +288,7 @@ def write_gguf(path: Path, model, groups, chosen) -> dict:
     """Write ``model`` (its experts at the widths of ``chosen[(layer, expert)][projection].spec.bits``, one width per
     layer x projection) to ``path``. Returns {"types": {tensor: type}, "expert_bytes": int, "total_bytes": int}."""
     import gguf
+    import torch
 
     cfg = model.config
     if cfg.model_type not in SUPPORTED_ARCHS:

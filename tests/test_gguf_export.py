@@ -211,3 +211,18 @@ def test_pipeline_writes_gguf_whose_types_match_bitmap(tmp_path):
             assert types[f"blk.{layer['layer']}.{n}.weight"] == {4: "Q4_0", 8: "Q8_0"}[b]
     assert used == {4, 8}  # 6 mean bits over 4 layers: a real mix
     assert res.out_dir == tmp_path
+
+
+def test_block_table_matches_gguf_and_estimate_offers_engines():
+    from mopeq_core.allocate import ENGINE_GRANULARITIES
+    from mopeq_core.estimate import estimate_model
+    from mopeq_core.gguf_export import GGML_BLOCKS
+
+    for name, blk in GGML_BLOCKS.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == blk
+    est = estimate_model(str(SHIPPED), bits=(2, 3, 4, 8), roots=[REPO]).to_dict()
+    eng = est["engines"]
+    assert set(eng) == set(ENGINE_GRANULARITIES)
+    assert eng["llama.cpp (gguf)"] == {"granularities": ["layer-projection", "layer"], "bits": [4, 8]}
+    assert eng["vLLM (compressed-tensors)"]["bits"] == [4, 8]
+    assert eng["mopeq loader (mopeq)"]["granularities"] == ["expert", "layer-projection", "layer"]

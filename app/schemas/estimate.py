@@ -50,5 +50,7 @@ class EstimateOut(BaseModel):
     max_gb: float
     feasible: dict[str, Any] = Field(description="Feasible budget range in avg_bits, gb and bytes")
     layers: list[MoELayerOut]
+    engines: dict[str, Any] | None = Field(None, description="Per serving engine (format): the granularities it "
+                                                              "runs and the widths it can store for this model")
     budget_feasible: bool | None = None
     budget_message: str | None = None
