@@ -87,9 +87,9 @@ def precheck(fmt: str, cfg) -> None:
         if bad:
             raise ExportError(f"--format compressed-tensors takes widths 4 and 8 only (vLLM's MoE kernels); "
                               f"--bits offers {bad}: use --bits 4 or --bits 8")
-        if len(choices) > 1:
-            raise ExportError("--format compressed-tensors needs one width for every MoE layer (transformers "
-                              "decodes all fused experts of a checkpoint with one scheme): use --bits 4 or --bits 8")
+        if len(choices) > 1 and getattr(cfg, "granularity", "expert") != "layer":
+            raise ExportError("--format compressed-tensors needs one width per MoE layer (vLLM runs one scheme per "
+                              "fused MoE layer): add --granularity layer, or use --bits 4 or --bits 8")
         if not cfg.symmetric:
             raise ExportError(_CT_ASYM_MSG)
     elif fmt == "gptq":
@@ -320,12 +320,10 @@ _CT_ASYM_MSG = ("--format compressed-tensors needs symmetric quantization: trans
                 "(CompressedTensorsDequantize) rebuilds each fused expert from weight_packed, weight_scale and "
                 "weight_shape only and fails on the zero points of an asymmetric expert scheme; drop --asymmetric")
 _CT_MIXED_MSG = (
-    "--format compressed-tensors: this allocation gives different MoE layers different widths ({widths}). The "
-    "checkpoint format can say so (one config group per width), but transformers {tv} decodes every fused expert "
-    "with a single scheme (CompressedTensorsDequantize without a per-group scheme -> get_experts_scheme: the first "
-    "config group targeting experts), so from_pretrained would load the {other}-bit layers with wrong weights "
-    "and no error. Refusing rather than writing a checkpoint that loads silently wrong: use one width "
-    "(--bits 4 or --bits 8), or --format gptq / --format mopeq for mixed widths")
+    "--format compressed-tensors: different MoE layers have different widths ({widths}), written as one config group "
+    "per width with per-layer targets. transformers {tv} decodes every fused expert with the first experts group "
+    "(a bug: layers of the other width load wrong, without an error); load this checkpoint with "
+    "mopeq_core.loader.load_compressed_tensors (from_pretrained with the carried fix), see docs/EXPORTS.md")
 
 
 def _ct_scheme(bits: int, group_size: int, targets: list[str]):
@@ -416,10 +414,10 @@ def export_compressed_tensors(out_dir: Path, model, groups, chosen, bits, cfg) -
                           f"kernels); layers {[l_ for l_, b in widths.items() if b in bad]} got {bad} bits: use "
                           "--granularity layer --bits 4 or --bits 8, or --format gptq / mopeq")
     if len(set(widths.values())) > 1:
-        ws = sorted(set(widths.values()))
-        raise ExportError(_CT_MIXED_MSG.format(
-            widths=", ".join(f"layer {l_}: {b}-bit" for l_, b in sorted(widths.items())),
-            tv=transformers.__version__, other=ws[-1]))
+        import logging
+
+        logging.getLogger(__name__).warning(_CT_MIXED_MSG.format(
+            widths=", ".join(f"layer {l_}: {b}-bit" for l_, b in sorted(widths.items())), tv=transformers.__version__))
     for g in groups:
         for p in g.projections:
             if p.in_features % cfg.group_size:

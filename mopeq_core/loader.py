@@ -251,3 +251,78 @@ def load_packed_matrices(path: str | Path, groups: list[ExpertGroup]) -> dict[tu
                     raise ArtifactError(f"{path}: {g.path}.{p.name}.{e}: {exc}") from exc
             out[(g.layer, e)] = per
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# compressed-tensors with a width per MoE layer: a carried fix for transformers' fused-expert dequantizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _ct_scheme_from_shapes(ct_config, input_dict: dict):
+    """The config group whose (num_bits, group_size) fits the packed expert tensors in ``input_dict``: int32 words per
+    row = ceil(in / (32 / bits)), scale columns = ceil(in / group_size). None when zero or several groups fit."""
+    import math
+
+    key = next((k for k in input_dict if "weight_packed" in k), None)
+    shapes = input_dict.get(key.replace("weight_packed", "weight_shape")) if key else None
+    scales = input_dict.get(key.replace("weight_packed", "weight_scale")) if key else None
+    if key is None or shapes is None or scales is None:
+        return None
+    packed0, shape0, scale0 = input_dict[key][0], shapes[0], scales[0]
+    if shape0 is None or shape0.numel() != 2:
+        return None
+    in_f = int(shape0[1])
+    fits = []
+    for group in ct_config.config_groups.values():
+        w = group.weights
+        if w is None or w.type != "int" or not w.num_bits:
+            continue
+        words = math.ceil(in_f * w.num_bits / 32) if 32 % w.num_bits else math.ceil(in_f / (32 // w.num_bits))
+        gs = w.group_size if w.group_size and w.group_size > 0 else in_f
+        if packed0.shape[-1] == words and scale0.shape[-1] == math.ceil(in_f / gs):
+            fits.append(group)
+    return fits[0] if len({(g.weights.num_bits, g.weights.group_size) for g in fits}) == 1 else None
+
+
+@contextlib.contextmanager
+def ct_experts_scheme_per_layer():
+    """Load compressed-tensors checkpoints whose MoE layers have different widths with transformers 5 (checked on
+    5.24, which has the bug): ``CompressedTensorsDequantize`` is built without a scheme and decodes every fused expert
+    with ``get_experts_scheme`` (the first config group that targets experts), so layers of another width load wrong,
+    silently. Config-group targets cannot steer it (regex or exact module names: the same first group). While this
+    context is active, an expert converter without a scheme takes the config group that the packed tensors' own
+    shapes identify (:func:`_ct_scheme_from_shapes`); uniform-width checkpoints decode exactly as before. Remove when
+    ``tests/test_exporters.py::test_transformers_still_misloads_mixed_width_layers`` starts failing."""
+    from transformers.integrations import compressed_tensors as ct
+
+    cls = ct.CompressedTensorsDequantize
+    original = cls.convert
+
+    def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, **kwargs):
+        dense = "weight" in input_dict or "weight_scale" in input_dict
+        if self.scheme is None and not dense:
+            scheme = _ct_scheme_from_shapes(self.hf_quantizer.compressor.quantization_config, input_dict)
+            if scheme is not None:
+                self.scheme = scheme
+                try:
+                    return original(self, input_dict, source_patterns, target_patterns,
+                                    full_layer_name=full_layer_name, **kwargs)
+                finally:
+                    self.scheme = None
+        return original(self, input_dict, source_patterns, target_patterns, full_layer_name=full_layer_name,
+                        **kwargs)
+
+    cls.convert = convert
+    try:
+        yield
+    finally:
+        cls.convert = original
+
+
+def load_compressed_tensors(path: str | Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` with :func:`ct_experts_scheme_per_layer` active: what
+    a ``--format compressed-tensors`` export with a width per MoE layer needs on transformers 5.24."""
+    from transformers import AutoModelForCausalLM
+
+    with ct_experts_scheme_per_layer():
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
