@@ -74,29 +74,170 @@ def _read_shards(path: Path, weight_map: dict[str, str]) -> dict[str, torch.Tens
     return tensors
 
 
+def _to_planes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """3-bit codes re-laid in memory as a 2-bit plane (low bits) then a 1-bit plane (high bit): the same
+    ceil(n/4) + ceil(n/8) ~ 3n/8 bytes, but unpacked with byte shifts only (no codes straddle bytes)."""
+    from .packing import pack_codes, unpack_codes
+
+    codes = unpack_codes(packed, 3, numel)
+    return torch.cat([pack_codes(codes & 3, 2), pack_codes(codes >> 2, 1)])
+
+
+def _unpack_planes(planes: torch.Tensor, numel: int) -> torch.Tensor:
+    n_lo = -(-numel // 4)
+    return _unpack_rows(planes[:, :n_lo], 2, numel) | (_unpack_rows(planes[:, n_lo:], 1, numel) << 2)
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Codes of several equally shaped packed matrices at once: ``packed`` [n, nbytes] uint8 (the layout of
+    :func:`mopeq_core.packing.pack_codes`) -> [n, numel] uint8. No validation (done once at load)."""
+    n = packed.shape[0]
+    if bits == 8:
+        return packed[:, :numel]
+    if 8 % bits == 0:  # 1, 2, 4 bits: codes never straddle bytes
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(n, -1)[:, :numel]
+    # 3, 5, 6, 7 bits: 8 codes in `bits` whole bytes -> one integer word per chunk
+    chunks = -(-packed.shape[1] // bits)
+    if chunks * bits != packed.shape[1]:
+        packed = torch.nn.functional.pad(packed, (0, chunks * bits - packed.shape[1]))
+    wide = torch.int32 if bits <= 3 else torch.int64
+    b = packed.view(n, chunks, bits).to(wide)
+    word = b[..., 0]
+    for j in range(1, bits):
+        word = word | (b[..., j] << (8 * j))
+    shifts = torch.arange(0, 8 * bits, bits, dtype=wide, device=packed.device)
+    return ((word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(n, -1)[:, :numel]
+
+
+_LUTS: dict[tuple, torch.Tensor] = {}
+
+
+def _lut(bits: int, offset: float, scale: int, device) -> torch.Tensor:
+    """[256, 8 // bits] float32: the codes that one byte holds (``bits`` in 1, 2, 4, 8), times ``scale``, minus
+    ``offset``: byte -> values in one gather."""
+    key = (bits, offset, scale, str(device))
+    t = _LUTS.get(key)
+    if t is None:
+        b = torch.arange(256, dtype=torch.int64).unsqueeze(-1)
+        shifts = torch.arange(0, 8, bits, dtype=torch.int64)
+        t = (((b >> shifts) & ((1 << bits) - 1)) * scale).to(torch.float32) - offset
+        t = _LUTS[key] = t.to(device)
+    return t
+
+
+def _gather(lut: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """lut[byte] for every byte (index_select: an order of magnitude faster than advanced indexing on CPU)."""
+    return lut.index_select(0, packed.reshape(-1).int())
+
+
+def _codes_minus(qweight: torch.Tensor, bits: int, numel: int, offset: float, planes: bool) -> torch.Tensor:
+    """[n, numel] float32 ``code - offset`` of n packed matrices (exact: small integers)."""
+    n = qweight.shape[0]
+    if planes and bits == 3:
+        n_lo = -(-numel // 4)
+        lo = _gather(_lut(2, offset, 1, qweight.device), qweight[:, :n_lo]).view(n, -1)[:, :numel]
+        hi = _gather(_lut(1, 0.0, 4, qweight.device), qweight[:, n_lo:]).view(n, -1)[:, :numel]
+        return lo + hi
+    if 8 % bits == 0:
+        return _gather(_lut(bits, offset, 1, qweight.device), qweight).view(n, -1)[:, :numel]
+    return _unpack_rows(qweight, bits, numel).to(torch.float32) - offset
+
+
+def _dequantize_rows(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, spec: QuantSpec,
+                     shape: tuple[int, int], dtype: torch.dtype, planes: bool = False) -> torch.Tensor:
+    """[n, out, in] weights of n packed matrices of one width: ``scale * (code - zero)`` in float32 (bit-identical
+    to :meth:`QuantizedMatrix.dequantize`), cast to ``dtype``. ``planes``: 3-bit codes are in
+    :func:`_to_planes`' layout."""
+    n = qweight.shape[0]
+    out, inp = shape
+    ng = scales.shape[-1]
+    G = spec.group_size
+    offset = float(1 << (spec.bits - 1)) if qzeros is None else 0.0
+    q = _codes_minus(qweight, spec.bits, out * inp, offset, planes).view(n, out, inp)
+    if ng * G != inp:
+        q = torch.nn.functional.pad(q, (0, ng * G - inp))
+    q = q.view(n, out, ng, G)
+    s = scales.to(torch.float32).unsqueeze(-1)
+    if qzeros is None:
+        w = q * s
+    else:
+        z = _unpack_rows(qzeros, spec.bits, out * ng).view(n, out, ng, 1).to(torch.float32)
+        w = (q - z) * s
+    w = w.view(n, out, ng * G)
+    if ng * G != inp:
+        w = w[..., :inp]
+    return w.to(dtype)
+
+
+def _qlinear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, G: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W^T`` for ``W = s * q`` group-wise (q [out, in] = code - zero, s [out, n_groups]) without forming W:
+    each group's partial product is scaled after the matmul, so the [out, in] scale multiply is never done."""
+    inp = q.shape[1]
+    y = None
+    for g in range(s.shape[1]):
+        a, b = g * G, min(inp, (g + 1) * G)
+        part = nn.functional.linear(x[..., a:b], q[:, a:b]) * s[:, g]
+        y = part if y is None else y + part
+    return y if bias is None else y + bias
+
+
+_MAX_SCALED_GROUPS = 4  # beyond this many groups per row, dequantizing the matrix once is cheaper
+
+
 def _packed_fused_forward(group: ExpertGroup, specs: list[QuantSpec]):
+    from .moe import _bias
+
     module = group.module
     proj_shapes = {p.name: (p.out_features, p.in_features) for p in group.projections}
+    in_name = next(p.name for p in group.projections if p.role == "in")
+    scaled_ok = (not group.transposed and all(s.symmetric for s in specs)
+                 and all(-(-i // s.group_size) <= _MAX_SCALED_GROUPS for _, i in proj_shapes.values() for s in specs))
 
-    def weights(e: int, dtype, device) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, shape in proj_shapes.items():
-            t = {part: getattr(module, _buffer_name(name, e, part)) for part in _PARTS
-                 if hasattr(module, _buffer_name(name, e, part))}
-            out[name] = QuantizedMatrix.from_packed(t, specs[e], shape).dequantize(dtype, device=device)
+    def buf(name: str, e: int, part: str):
+        return getattr(module, _buffer_name(name, e, part), None)
+
+    def rows(name: str, es: list[int], part: str) -> torch.Tensor:
+        return buf(name, es[0], part).unsqueeze(0) if len(es) == 1 else torch.stack([buf(name, e, part) for e in es])
+
+    def prepare(experts: list[int], dtype) -> dict[int, dict[str, tuple]]:
+        """Every routed expert's matrices, decoded once per layer visit: one gather per (projection, width).
+        ("q", codes - zero, scales) on the scaled path; ("w", weight) otherwise."""
+        by_spec: dict[QuantSpec, list[int]] = {}
+        for e in experts:
+            by_spec.setdefault(specs[e], []).append(e)
+        out: dict[int, dict[str, tuple]] = {e: {} for e in experts}
+        for name, (o, i) in proj_shapes.items():
+            for spec, es in by_spec.items():
+                qw, sc = rows(name, es, "qweight"), rows(name, es, "scales")
+                if scaled_ok:
+                    q = _codes_minus(qw, spec.bits, o * i, float(1 << (spec.bits - 1)), True).view(-1, o, i)
+                    q, s = q.to(dtype), sc.to(torch.float32).to(dtype)
+                    for k, e in enumerate(es):
+                        out[e][name] = ("q", q[k], s[k], spec.group_size)
+                else:
+                    qz = None if spec.symmetric else rows(name, es, "qzeros")
+                    w = _dequantize_rows(qw, sc, qz, spec, (o, i), dtype, planes=True)
+                    for k, e in enumerate(es):
+                        out[e][name] = ("w", w[k])
         return out
+
+    def apply(m, x, e: int, name: str) -> torch.Tensor:
+        kind, *rest = m[name]
+        if kind == "q":
+            return _qlinear(x, rest[0], rest[1], rest[2], _bias(module, name, e))
+        return nn.functional.linear(x, rest[0], _bias(module, name, e))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
-            if not 0 <= e < group.num_experts:
-                continue
+        experts = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < group.num_experts]
+        mats = prepare(experts, hidden_states.dtype)
+        for e in experts:
             token_idx, pos = torch.where(top_k_index == e)
             x = hidden_states[token_idx]
-            w = weights(e, x.dtype, x.device)
-            inter = group.intermediate(e, x, weights=w)
-            down_bias = getattr(self, "down_proj_bias", None) if getattr(self, "has_bias", False) else None
-            y = nn.functional.linear(inter, w["down_proj"], None if down_bias is None else down_bias[e])
+            h = apply(mats[e], x, e, in_name)
+            inter = self._apply_gate(h) if getattr(self, "has_gate", True) else self.act_fn(h)
+            y = apply(mats[e], inter, e, "down_proj")
             y = y * top_k_weights[token_idx, pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
@@ -118,8 +259,10 @@ class PackedLinear(nn.Module):
         self._parts = tuple(tensors)
 
     def forward(self, x):
-        qm = QuantizedMatrix.from_packed({p: getattr(self, p) for p in self._parts}, self.spec, self.shape)
-        return nn.functional.linear(x, qm.dequantize(x.dtype, device=x.device), self.bias)
+        qz = getattr(self, "qzeros", None)
+        w = _dequantize_rows(self.qweight.unsqueeze(0), self.scales.unsqueeze(0),
+                             None if qz is None else qz.unsqueeze(0), self.spec, self.shape, x.dtype)[0]
+        return nn.functional.linear(x, w, self.bias)
 
 
 def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Tensor], qc: dict, where: Path):
@@ -147,6 +290,8 @@ def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Ten
             group.module._parameters.pop(p.name, None)
             for e in range(group.num_experts):
                 for part, t in take(p.name, e).items():
+                    if part == "qweight" and specs[e].bits == 3:  # same bytes, faster to unpack
+                        t = _to_planes(t, p.out_features * p.in_features)
                     group.module.register_buffer(_buffer_name(p.name, e, part), t)
         group.module.forward = types.MethodType(_packed_fused_forward(group, specs), group.module)
     else:

@@ -1,0 +1,52 @@
+"""The packed loader's fast path (one unpack per layer visit, projection and width) against the reference code:
+``packing.unpack_codes`` and ``QuantizedMatrix.dequantize``, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mopeq_core.loader import _dequantize_rows, _unpack_rows
+from mopeq_core.packing import pack_codes, unpack_codes
+from mopeq_core.quantize import QuantizedMatrix, QuantSpec, quantize_rtn
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("numel", [1, 7, 8, 64, 333])
+def test_unpack_rows_matches_unpack_codes(bits, numel):
+    g = torch.Generator().manual_seed(bits * 1000 + numel)
+    codes = torch.randint(0, 1 << bits, (3, numel), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = torch.stack([pack_codes(c, bits) for c in codes])
+    got = _unpack_rows(packed, bits, numel)
+    for i in range(3):
+        assert torch.equal(got[i], unpack_codes(packed[i], bits, numel))
+        assert torch.equal(got[i], codes[i])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape,G", [((24, 64), 16), ((16, 56), 32)])  # 56 = one padded group
+def test_dequantize_rows_is_bit_identical(bits, symmetric, shape, G):
+    g = torch.Generator().manual_seed(bits)
+    spec = QuantSpec(bits, G, symmetric)
+    mats = [quantize_rtn(torch.randn(*shape, generator=g), spec) for _ in range(3)]
+    packed = [m.to_packed() for m in mats]
+    qw = torch.stack([p["qweight"] for p in packed])
+    sc = torch.stack([p["scales"] for p in packed])
+    qz = None if symmetric else torch.stack([p["qzeros"] for p in packed])
+    for dtype in (torch.float32, torch.bfloat16):
+        w = _dequantize_rows(qw, sc, qz, spec, shape, dtype)
+        for i, m in enumerate(mats):
+            ref = QuantizedMatrix.from_packed(packed[i], spec, shape).dequantize(dtype)
+            assert torch.equal(w[i], ref)
+
+
+@pytest.mark.parametrize("numel", [8, 21, 448 * 128])
+def test_three_bit_planes_hold_the_same_codes_in_the_same_bytes(numel):
+    from mopeq_core.loader import _to_planes, _unpack_planes
+
+    codes = torch.randint(0, 8, (numel,), generator=torch.Generator().manual_seed(numel)).to(torch.uint8)
+    packed = pack_codes(codes, 3)
+    planes = _to_planes(packed, numel)
+    assert planes.numel() == -(-numel // 4) + -(-numel // 8) <= packed.numel() + 1
+    assert torch.equal(_unpack_planes(planes.unsqueeze(0), numel)[0], codes)
