@@ -286,7 +286,8 @@ def _tokenizer_meta(writer, model) -> None:
 
 def write_gguf(path: Path, model, groups, chosen) -> dict:
     """Write ``model`` (its experts at the widths of ``chosen[(layer, expert)][projection].spec.bits``, one width per
-    layer x projection) to ``path``. Returns {"types": {tensor: type}, "expert_bytes": int, "total_bytes": int}."""
+    layer x projection; ``chosen=None``: every tensor in the checkpoint's float type, a reference for
+    llama-quantize) to ``path``. Returns {"types": {tensor: type}, "expert_bytes": int, "total_bytes": int}."""
     import gguf
     import torch
 
@@ -301,6 +302,9 @@ def write_gguf(path: Path, model, groups, chosen) -> dict:
             raise ExportError(f"--format gguf: {g.path} is not a fused [E, out, in] expert layer")
         plan[g.layer] = {}
         for p in g.projections:
+            if chosen is None:
+                plan[g.layer][p.name] = "F32"
+                continue
             ws = {chosen[(g.layer, e)][p.name].spec.bits for e in range(g.num_experts)}
             if len(ws) != 1:
                 raise ExportError(f"--format gguf needs one width per layer x projection (one GGUF tensor), but "
@@ -374,7 +378,10 @@ def write_gguf(path: Path, model, groups, chosen) -> dict:
                 raise ExportError(f"--format gguf: unknown expert projection {p.name!r} in {g.path}")
             for gname, arr in parts:
                 name = f"{blk}.{gname}.weight"
-                writer.add_tensor(name, quantize_k(arr, t), raw_dtype=gguf.GGMLQuantizationType[t])
+                if t == "F32":
+                    writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+                else:
+                    writer.add_tensor(name, quantize_k(arr, t), raw_dtype=gguf.GGMLQuantizationType[t])
                 types[name] = t
     _add_float(writer, "output_norm.weight", sd[f"{base}.norm.weight"], "F32")
     types["output_norm.weight"] = "F32"

@@ -15,7 +15,11 @@ if [ ! -d llama.cpp ]; then
   mv "llama_cpp_python-$VERSION/vendor/llama.cpp" llama.cpp
   rm -rf "llama_cpp_python-$VERSION"
 fi
+# Not GGML_NATIVE: on AMX machines -march=native compiles ggml's AMX matmul, which crashed (SIGSEGV in
+# ggml_backend_amx_mul_mat, then SIGILL) on this machine's Q8_0/Q4_0 tensors; AVX2/AVX-512 without AMX runs.
 cmake -S llama.cpp -B llama.cpp/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF \
+  -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+  -DGGML_AMX_BF16=OFF
 nice -n 10 cmake --build llama.cpp/build -j "$JOBS" --target llama-quantize llama-perplexity llama-simple llama-completion
 ls -la llama.cpp/build/bin

@@ -226,3 +226,24 @@ def test_block_table_matches_gguf_and_estimate_offers_engines():
     assert eng["llama.cpp (gguf)"] == {"granularities": ["layer-projection", "layer"], "bits": [4, 8]}
     assert eng["vLLM (compressed-tensors)"]["bits"] == [4, 8]
     assert eng["mopeq loader (mopeq)"]["granularities"] == ["expert", "layer-projection", "layer"]
+
+
+def test_float_gguf_holds_the_weights_exactly(tmp_path):
+    """chosen=None: every tensor at the checkpoint's float32, the reference llama-quantize starts from."""
+    from mopeq_core.gguf_export import write_gguf
+
+    model = load_model(SHIPPED)
+    groups = find_expert_groups(model)
+    info = write_gguf(tmp_path / "f32.gguf", model, groups, None)
+    assert set(info["tensor_types"].values()) == {"F32"}
+    r = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "f32.gguf")).tensors}
+    g = groups[1]
+    down = np.asarray(r["blk.1.ffn_down_exps.weight"].data).reshape(g.num_experts, 128, 224)
+    assert np.array_equal(down, g.module.down_proj.detach().numpy())
+    F = model.config.intermediate_size
+    up = np.asarray(r["blk.1.ffn_up_exps.weight"].data).reshape(g.num_experts, F, 128)
+    assert np.array_equal(up, g.module.gate_up_proj.detach().numpy()[:, F:])
+    # q rows are permuted to llama.cpp's rotary layout: same rows, another order
+    q = np.asarray(r["blk.0.attn_q.weight"].data).reshape(128, 128)
+    hf = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert not np.array_equal(q, hf) and np.array_equal(np.sort(q, axis=0), np.sort(hf, axis=0))
