@@ -83,11 +83,6 @@ def _to_planes(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.cat([pack_codes(codes & 3, 2), pack_codes(codes >> 2, 1)])
 
 
-def _unpack_planes(planes: torch.Tensor, numel: int) -> torch.Tensor:
-    n_lo = -(-numel // 4)
-    return _unpack_rows(planes[:, :n_lo], 2, numel) | (_unpack_rows(planes[:, n_lo:], 1, numel) << 2)
-
-
 def _unpack_rows(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Codes of several equally shaped packed matrices at once: ``packed`` [n, nbytes] uint8 (the layout of
     :func:`mopeq_core.packing.pack_codes`) -> [n, numel] uint8. No validation (done once at load)."""

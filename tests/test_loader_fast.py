@@ -43,10 +43,29 @@ def test_dequantize_rows_is_bit_identical(bits, symmetric, shape, G):
 
 @pytest.mark.parametrize("numel", [8, 21, 448 * 128])
 def test_three_bit_planes_hold_the_same_codes_in_the_same_bytes(numel):
-    from mopeq_core.loader import _to_planes, _unpack_planes
+    from mopeq_core.loader import _codes_minus, _to_planes
 
     codes = torch.randint(0, 8, (numel,), generator=torch.Generator().manual_seed(numel)).to(torch.uint8)
     packed = pack_codes(codes, 3)
     planes = _to_planes(packed, numel)
     assert planes.numel() == -(-numel // 4) + -(-numel // 8) <= packed.numel() + 1
-    assert torch.equal(_unpack_planes(planes.unsqueeze(0), numel)[0], codes)
+    assert torch.equal(_codes_minus(planes.unsqueeze(0), 3, numel, 4.0, True)[0], codes.float() - 4.0)
+
+
+@pytest.mark.parametrize("shape,G", [((24, 64), 64), ((16, 56), 32), ((8, 96), 32)])
+def test_scaled_matmul_equals_matmul_with_the_dequantized_weight(shape, G):
+    """Group scales applied after the matmul give x @ W^T of the dequantized W (only summation order differs)."""
+    from mopeq_core.loader import _codes_minus, _qlinear
+
+    g = torch.Generator().manual_seed(G)
+    spec = QuantSpec(4, G, True)
+    m = quantize_rtn(torch.randn(*shape, generator=g), spec)
+    p = m.to_packed()
+    q = _codes_minus(p["qweight"].unsqueeze(0), 4, shape[0] * shape[1], 8.0, False)[0].view(shape)
+    x = torch.randn(5, shape[1], generator=g)
+    bias = torch.randn(shape[0], generator=g)
+    ref = torch.nn.functional.linear(x, m.dequantize(torch.float64).float(), bias)
+    got = _qlinear(x, q, p["scales"].float(), G, bias)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_qlinear(x, q, p["scales"].float().flip(-1), G, bias), ref, atol=1e-3) or \
+        p["scales"].shape[1] == 1
