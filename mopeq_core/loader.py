@@ -180,14 +180,15 @@ def _qlinear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, G: int, bias: to
 _MAX_SCALED_GROUPS = 4  # beyond this many groups per row, dequantizing the matrix once is cheaper
 
 
-def _packed_fused_forward(group: ExpertGroup, specs: list[QuantSpec]):
+def _packed_fused_forward(group: ExpertGroup, specs: dict[str, list[QuantSpec]]):
     from .moe import _bias
 
     module = group.module
     proj_shapes = {p.name: (p.out_features, p.in_features) for p in group.projections}
     in_name = next(p.name for p in group.projections if p.role == "in")
-    scaled_ok = (not group.transposed and all(s.symmetric for s in specs)
-                 and all(-(-i // s.group_size) <= _MAX_SCALED_GROUPS for _, i in proj_shapes.values() for s in specs))
+    every = [s for ss in specs.values() for s in ss]
+    scaled_ok = (not group.transposed and all(s.symmetric for s in every)
+                 and all(-(-i // s.group_size) <= _MAX_SCALED_GROUPS for _, i in proj_shapes.values() for s in every))
 
     def buf(name: str, e: int, part: str):
         return getattr(module, _buffer_name(name, e, part), None)
@@ -198,11 +199,11 @@ def _packed_fused_forward(group: ExpertGroup, specs: list[QuantSpec]):
     def prepare(experts: list[int], dtype) -> dict[int, dict[str, tuple]]:
         """Every routed expert's matrices, decoded once per layer visit: one gather per (projection, width).
         ("q", codes - zero, scales) on the scaled path; ("w", weight) otherwise."""
-        by_spec: dict[QuantSpec, list[int]] = {}
-        for e in experts:
-            by_spec.setdefault(specs[e], []).append(e)
         out: dict[int, dict[str, tuple]] = {e: {} for e in experts}
         for name, (o, i) in proj_shapes.items():
+            by_spec: dict[QuantSpec, list[int]] = {}
+            for e in experts:
+                by_spec.setdefault(specs[name][e], []).append(e)
             for spec, es in by_spec.items():
                 qw, sc = rows(name, es, "qweight"), rows(name, es, "scales")
                 if scaled_ok:
@@ -260,13 +261,24 @@ class PackedLinear(nn.Module):
         return nn.functional.linear(x, w, self.bias)
 
 
+def _projection_specs(group: ExpertGroup, info: dict, qc: dict, where: Path) -> dict[str, list[QuantSpec]]:
+    """{projection: [QuantSpec per expert]}: ``bits`` per expert, or per projection where the module lists
+    ``proj_bits`` ({projection: [width per expert]}, granularity layer-projection)."""
+    per_proj = info.get("proj_bits") or {}
+    for proj, ws in per_proj.items():
+        if proj not in {p.name for p in group.projections} or len(ws) != group.num_experts:
+            raise ArtifactError(f"{where}/config.json: {group.path} proj_bits[{proj!r}] does not give one width per "
+                                f"expert of a projection of this module")
+    return {p.name: [QuantSpec(bits=int(b), group_size=int(qc["group_size"]), symmetric=bool(qc["symmetric"]))
+                     for b in per_proj.get(p.name, info["bits"])] for p in group.projections}
+
+
 def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Tensor], qc: dict, where: Path):
     bits = info["bits"]
     if len(bits) != group.num_experts:
         raise ArtifactError(f"{where}/config.json: {group.path} lists {len(bits)} widths for "
                             f"{group.num_experts} experts")
-    specs = [QuantSpec(bits=int(b), group_size=int(qc["group_size"]), symmetric=bool(qc["symmetric"]))
-             for b in bits]
+    specs = _projection_specs(group, info, qc, where)
 
     def take(proj: str, e: int) -> dict[str, torch.Tensor]:
         got = {}
@@ -275,7 +287,7 @@ def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Ten
             if key in tensors:
                 got[part] = tensors.pop(key)
         try:  # validate now: a truncated or inconsistent tensor fails at load, never as garbage output
-            QuantizedMatrix.from_packed(got, specs[e], tuple(info["projections"][proj]))
+            QuantizedMatrix.from_packed(got, specs[proj][e], tuple(info["projections"][proj]))
         except (ValueError, KeyError) as exc:
             raise ArtifactError(f"{where}: packed tensors of {group.path}.{proj}.{e} are invalid: {exc}") from exc
         return got
@@ -285,7 +297,7 @@ def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Ten
             group.module._parameters.pop(p.name, None)
             for e in range(group.num_experts):
                 for part, t in take(p.name, e).items():
-                    if part == "qweight" and specs[e].bits == 3:  # same bytes, faster to unpack
+                    if part == "qweight" and specs[p.name][e].bits == 3:  # same bytes, faster to unpack
                         t = _to_planes(t, p.out_features * p.in_features)
                     group.module.register_buffer(_buffer_name(p.name, e, part), t)
         group.module.forward = types.MethodType(_packed_fused_forward(group, specs), group.module)
@@ -296,8 +308,8 @@ def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Ten
                 lin = getattr(expert, p.name)
                 bias_key = f"{group.path}.{e}.{p.name}.bias"
                 bias = tensors.pop(bias_key, None) if lin.bias is not None else None
-                setattr(expert, p.name, PackedLinear(take(p.name, e), specs[e], (p.out_features, p.in_features),
-                                                     bias))
+                setattr(expert, p.name, PackedLinear(take(p.name, e), specs[p.name][e],
+                                                     (p.out_features, p.in_features), bias))
 
 
 def _check_remote_code(raw: dict, path: Path, trust_remote_code: bool) -> None:
@@ -377,12 +389,11 @@ def load_packed_matrices(path: str | Path, groups: list[ExpertGroup]) -> dict[tu
     tensors = _read_shards(path, _read_index(path))
     out = {}
     for g in groups:
-        info = qc["modules"][g.path]
+        specs = _projection_specs(g, qc["modules"][g.path], qc, path)
         for e in range(g.num_experts):
-            spec = QuantSpec(bits=int(info["bits"][e]), group_size=int(qc["group_size"]),
-                             symmetric=bool(qc["symmetric"]))
             per = {}
             for p in g.projections:
+                spec = specs[p.name][e]
                 t = {part: tensors[packed_key(g.path, p.name, e, part)] for part in _PARTS
                      if packed_key(g.path, p.name, e, part) in tensors}
                 try:

@@ -69,3 +69,69 @@ def test_scaled_matmul_equals_matmul_with_the_dequantized_weight(shape, G):
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(_qlinear(x, q, p["scales"].float().flip(-1), G, bias), ref, atol=1e-3) or \
         p["scales"].shape[1] == 1
+
+
+def test_artifact_with_a_width_per_projection_loads_packed(tmp_path):
+    """quantization_config.modules[...].proj_bits (granularity layer-projection): gate_up and down of one expert at
+    different widths. The artifact is written with uniform widths and its down_proj tensors re-packed at another
+    width (the writer side is the engine's); load_quantized must match the fake-quantized model."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models
+
+    from mopeq_core.apply import apply_fake_quant
+    from mopeq_core.artifact import packed_key, write_mopeq_artifact
+    from mopeq_core.loader import load_packed_matrices, load_quantized
+    from mopeq_core.loading import load_model
+    from mopeq_core.moe import find_expert_groups
+
+    src = tiny_models.build_model("mixtral", tmp_path)
+    model = load_model(src)
+    groups = find_expert_groups(model)
+    G = 16
+    width = {"gate_up_proj": lambda layer: (2, 4)[layer % 2], "down_proj": lambda layer: (3, 8)[layer % 2]}
+    chosen = {(g.layer, e): {p.name: quantize_rtn(g.weight(e, p.name).detach().float(),
+                                                  QuantSpec(width[p.name](g.layer), G, True))
+                             for p in g.projections} for g in groups for e in range(g.num_experts)}
+    # write at the gate_up widths, then replace the down tensors and declare proj_bits
+    first = {}
+    for g in groups:
+        for e in range(g.num_experts):  # down at the gate_up width for now; its tensors are replaced below
+            first[(g.layer, e)] = {"gate_up_proj": chosen[(g.layer, e)]["gate_up_proj"],
+                                   "down_proj": quantize_rtn(g.weight(e, "down_proj").detach().float(),
+                                                             QuantSpec(width["gate_up_proj"](g.layer), G, True))}
+    bits = {k: width["gate_up_proj"](k[0]) for k in chosen}
+    out = tmp_path / "art"
+    write_mopeq_artifact(out, model, groups, lambda g: {e: first[(g.layer, e)] for e in range(g.num_experts)}, bits,
+                         group_size=G, symmetric=True, quantizer="rtn")
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in set(index.values()):
+        t = load_file(str(out / shard))
+        for g in groups:
+            for e in range(g.num_experts):
+                for part, v in chosen[(g.layer, e)]["down_proj"].to_packed().items():
+                    key = packed_key(g.path, "down_proj", e, part)
+                    if key in t:
+                        t[key] = v
+        save_file(t, str(out / shard), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    for g in groups:
+        cfg["quantization_config"]["modules"][g.path]["proj_bits"] = {
+            "down_proj": [width["down_proj"](g.layer)] * g.num_experts}
+    (out / "config.json").write_text(json.dumps(cfg))
+
+    apply_fake_quant(groups, chosen)
+    ids = torch.randint(3, 4000, (2, 20), generator=torch.Generator().manual_seed(0))
+    q = load_quantized(out, attn_implementation="eager")
+    ref = load_model(src)
+    rg = find_expert_groups(ref)
+    back = load_packed_matrices(out, rg)
+    assert all(back[(g.layer, 0)]["down_proj"].spec.bits == width["down_proj"](g.layer) for g in rg)
+    with torch.no_grad():
+        a, b = q(input_ids=ids).logits, model(input_ids=ids).logits
+    assert float((a - b).norm() / b.norm()) <= 1e-5
