@@ -180,15 +180,28 @@ def _qlinear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, G: int, bias: to
 _MAX_SCALED_GROUPS = 4  # beyond this many groups per row, dequantizing the matrix once is cheaper
 
 
+def _scaled_ok(group: ExpertGroup, specs: dict[str, list[QuantSpec]]) -> bool:
+    """Symmetric, [out, in] experts with few groups per row: the scale-after-matmul path applies."""
+    every = [s for ss in specs.values() for s in ss]
+    return (group.kind == "fused" and not group.transposed and all(s.symmetric for s in every)
+            and all(-(-p.in_features // s.group_size) <= _MAX_SCALED_GROUPS for p in group.projections for s in every))
+
+
+def _joint(group: ExpertGroup, specs: dict[str, list[QuantSpec]], e: int) -> QuantSpec | None:
+    """The spec shared by all projections of expert ``e`` when its codes are kept as one joint buffer."""
+    ss = {specs[p.name][e] for p in group.projections}
+    return ss.pop() if len(ss) == 1 and _scaled_ok(group, specs) else None
+
+
 def _packed_fused_forward(group: ExpertGroup, specs: dict[str, list[QuantSpec]]):
     from .moe import _bias
 
     module = group.module
     proj_shapes = {p.name: (p.out_features, p.in_features) for p in group.projections}
     in_name = next(p.name for p in group.projections if p.role == "in")
-    every = [s for ss in specs.values() for s in ss]
-    scaled_ok = (not group.transposed and all(s.symmetric for s in every)
-                 and all(-(-i // s.group_size) <= _MAX_SCALED_GROUPS for _, i in proj_shapes.values() for s in every))
+    scaled_ok = _scaled_ok(group, specs)
+    joint = {e: _joint(group, specs, e) for e in range(group.num_experts)}
+    numels = [o * i for o, i in proj_shapes.values()]
 
     def buf(name: str, e: int, part: str):
         return getattr(module, _buffer_name(name, e, part), None)
@@ -200,9 +213,25 @@ def _packed_fused_forward(group: ExpertGroup, specs: dict[str, list[QuantSpec]])
         """Every routed expert's matrices, decoded once per layer visit: one gather per (projection, width).
         ("q", codes - zero, scales) on the scaled path; ("w", weight) otherwise."""
         out: dict[int, dict[str, tuple]] = {e: {} for e in experts}
+        # experts whose projections share a width: one joint code buffer, one gather for all their projections
+        by_joint: dict[QuantSpec, list[int]] = {}
+        for e in experts:
+            if joint[e] is not None:
+                by_joint.setdefault(joint[e], []).append(e)
+        for spec, es in by_joint.items():
+            qw = rows("joint", es, "qweight")
+            q_all = _codes_minus(qw, spec.bits, sum(numels), float(1 << (spec.bits - 1)), True).to(dtype)
+            start = 0
+            for name, (o, i) in proj_shapes.items():
+                q = q_all[:, start:start + o * i].view(-1, o, i)
+                start += o * i
+                s = rows(name, es, "scales").to(torch.float32).to(dtype)
+                for k, e in enumerate(es):
+                    out[e][name] = ("q", q[k], s[k], spec.group_size)
+        rest = [e for e in experts if joint[e] is None]
         for name, (o, i) in proj_shapes.items():
             by_spec: dict[QuantSpec, list[int]] = {}
-            for e in experts:
+            for e in rest:
                 by_spec.setdefault(specs[name][e], []).append(e)
             for spec, es in by_spec.items():
                 qw, sc = rows(name, es, "qweight"), rows(name, es, "scales")
@@ -293,13 +322,26 @@ def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Ten
         return got
 
     if group.kind == "fused":
+        from .packing import pack_codes, unpack_codes
+
+        codes: dict[int, list[torch.Tensor]] = {}
         for p in group.projections:
             group.module._parameters.pop(p.name, None)
             for e in range(group.num_experts):
+                joint = _joint(group, specs, e)
                 for part, t in take(p.name, e).items():
+                    if part == "qweight" and joint is not None:  # kept below as one buffer per expert
+                        codes.setdefault(e, []).append(unpack_codes(t, joint.bits, p.out_features * p.in_features))
+                        continue
                     if part == "qweight" and specs[p.name][e].bits == 3:  # same bytes, faster to unpack
                         t = _to_planes(t, p.out_features * p.in_features)
                     group.module.register_buffer(_buffer_name(p.name, e, part), t)
+        for e, cs in codes.items():  # the expert's projections' codes, concatenated (same bytes at 2/4/8 bits)
+            all_codes = torch.cat(cs)
+            bits = _joint(group, specs, e).bits
+            packed = pack_codes(all_codes, bits)
+            t = _to_planes(packed, all_codes.numel()) if bits == 3 else packed
+            group.module.register_buffer(_buffer_name("joint", e, "qweight"), t)
         group.module.forward = types.MethodType(_packed_fused_forward(group, specs), group.module)
     else:
         for e in range(group.num_experts):
