@@ -5,7 +5,7 @@
 The shipped model's experts are RTN-quantized at a mix of 2/3/4 bits (expert e of layer l at ``(2, 3, 4)[(l + e) %
 3]``, group size 128), written as a MoPEQ artifact and loaded packed. Each model greedily generates ``--new-tokens``
 tokens after a 32-token prompt (KV cache on); time per token = (time for N new tokens - time for 1) / (N - 1), so the
-prompt's prefill cancels. Times are the process's CPU time (``time.process_time``; with one thread that is the
+prompt's prefill cancels. A second figure is one forward of a 4x128-token batch (prefill-like: every expert routed). Times are the process's CPU time (``time.process_time``; with one thread that is the
 work done, little affected by other processes on a shared machine). Runs are interleaved and the median of ``--repeats`` is printed, with the bytes the expert
 weights hold in memory.
 """
@@ -66,6 +66,13 @@ def gen_seconds(model, ids, new: int) -> float:
     return dt
 
 
+def forward_seconds(model, ids) -> float:
+    t0 = time.process_time()
+    with torch.no_grad():
+        model(ids)
+    return time.process_time() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -83,19 +90,25 @@ def main() -> None:
         for m in models.values():  # warm-up
             gen_seconds(m, ids, 4)
         per_token: dict[str, list[float]] = {k: [] for k in models}
+        prefill: dict[str, list[float]] = {k: [] for k in models}
+        batch = torch.randint(3, models["fp32"].config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(1))
         for _ in range(args.repeats):
             for name, m in models.items():
+                prefill[name].append(forward_seconds(m, batch))
                 t_n = gen_seconds(m, ids, args.new_tokens)
                 t_1 = gen_seconds(m, ids, 1)
                 per_token[name].append((t_n - t_1) / (args.new_tokens - 1))
         fp32 = statistics.median(per_token["fp32"])
         print(f"torch {torch.__version__}, {args.threads} thread(s), batch 1, {args.new_tokens} new tokens, "
               f"median of {args.repeats}")
-        print("| model | CPU ms / token | vs fp32 | expert weights in memory (bytes) |")
-        print("|---|---|---|---|")
+        fp32_pre = statistics.median(prefill["fp32"])
+        print("| model | CPU ms / token | vs fp32 | forward of 4x128 tokens, CPU ms | vs fp32 | expert weights in memory "
+              "(bytes) |")
+        print("|---|---|---|---|---|---|")
         for name, m in models.items():
-            t = statistics.median(per_token[name])
-            print(f"| {name} | {t * 1e3:.3f} | {t / fp32:.2f}x | {expert_bytes(m):,} |")
+            t, p = statistics.median(per_token[name]), statistics.median(prefill[name])
+            print(f"| {name} | {t * 1e3:.3f} | {t / fp32:.2f}x | {p * 1e3:.1f} | {p / fp32_pre:.2f}x | "
+                  f"{expert_bytes(m):,} |")
 
 
 if __name__ == "__main__":
