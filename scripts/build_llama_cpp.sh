@@ -7,6 +7,7 @@ PIP=${PIP:-.venv/bin/pip}
 ENGINES_DIR=${ENGINES_DIR:-.engines}
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 JOBS=${JOBS:-$(nproc)}
+if [ -e "$PIP" ]; then PIP=$(readlink -f "$PIP"); fi  # a relative path must survive the cd below
 mkdir -p "$ENGINES_DIR"
 cd "$ENGINES_DIR"
 if [ ! -d llama.cpp ]; then
