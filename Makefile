@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo serve worker lint bench clean reliability soak audit
+.PHONY: setup test demo serve worker lint bench clean reliability soak audit engines
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -48,6 +48,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/bench_pipeline.py
+
+# Opt-in, never part of `make test`: llama.cpp's tools (llama-quantize, llama-perplexity, llama-simple,
+# llama-completion) built from the llama.cpp source in the llama-cpp-python sdist (PyPI) into .engines/ (~7 min on
+# 2 cores); docs/BENCHMARKS.md uses them to run the --format gguf output.
+engines: $(STAMP)
+	PIP=$(VENV)/bin/pip ENGINES_DIR=.engines scripts/build_llama_cpp.sh
 
 clean:
 	rm -rf .mopeq out .pytest_cache

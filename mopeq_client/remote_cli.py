@@ -360,6 +360,9 @@ def estimate(
         out.print(f"feasible budget: {gb[0]:.6g}–{gb[1]:.6g} GB"
                   + (f", avg bits {ab[0]:g}–{ab[1]:g}" if isinstance(ab, (list, tuple)) and len(ab) == 2 else "")
                   + f" (bits {','.join(map(str, est.bits or []))}, group size {est.group_size})")
+        for name, e in ((est.raw or {}).get("engines") or {}).items():
+            out.print(f"  {name}: granularity {'/'.join(e['granularities'])}, "
+                      f"bits {','.join(map(str, e['bits'])) or 'none for this model'}")
         if est.budget_feasible is not None:
             out.print(f"budget: {'feasible' if est.budget_feasible else '[red]infeasible[/]'} — {est.budget_message}")
     if est.budget_feasible is False:

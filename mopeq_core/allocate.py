@@ -30,7 +30,12 @@ Scope and granularity (handled by :func:`allocate` for every allocator)
 and give each layer ``min_ℓ + ⌊t·(max_ℓ − min_ℓ)⌋`` (the same mean bits per layer, since costs are affine in
 bits), then solve each layer alone. ``granularity="layer"``: one width for all experts of a layer (what serving
 engines run): a layer's experts are merged into one item (costs summed, value of width b = Σ_e s_e·error_e(b),
-score = Σ_e s_e) and the choice is expanded back.
+score = Σ_e s_e) and the choice is expanded back. ``granularity="layer-projection"``: one width per (layer,
+projection as the model stores it, e.g. fused ``gate_up_proj`` and ``down_proj``), what GGUF's per-projection expert
+tensors and fused MoE weights can express. Each item must then carry ``proj_error`` / ``proj_cost`` /
+``proj_params`` (per projection; they sum to ``error`` / ``cost`` / ``params``); the unit (ℓ, p) has cost
+Σ_e proj_cost_e[p](b), value Σ_e s_e·proj_error_e[p](b) and score Σ_e s_e. The chosen widths are in
+:attr:`Allocation.proj_bits`; :attr:`Allocation.bits` then holds each expert's width of its largest projection.
 """
 
 from __future__ import annotations
@@ -47,12 +52,14 @@ from mopeq_core.errors import InfeasibleBudgetError, UserInputError
 
 __all__ = [
     "ALLOCATORS",
+    "ENGINE_GRANULARITIES",
     "Allocation",
     "ExpertItem",
     "Pool",
     "PoolSolution",
     "allocate",
     "avg_bits_for_budget",
+    "projection_cost",
     "budget_for_avg_bits",
     "feasible_range",
     "register_allocator",
@@ -60,7 +67,18 @@ __all__ = [
 
 DEFAULT_MAX_DP_CELLS = 300_000_000  # int8 cells of the DP choice table (≈ 300 MB) before falling back
 SCOPES = ("model", "layer")
-GRANULARITIES = ("expert", "layer")
+# Which granularities each serving target can run (docs/EXPORTS.md has the reasons): the widths one loader can express
+# inside a MoE layer. Keys are "engine (--format)".
+ENGINE_GRANULARITIES: dict[str, tuple[str, ...]] = {
+    "mopeq loader (mopeq)": ("expert", "layer-projection", "layer"),
+    "llama.cpp (gguf)": ("layer-projection", "layer"),
+    "transformers (compressed-tensors)": ("layer",),
+    "vLLM (compressed-tensors)": ("layer",),
+    "SGLang (compressed-tensors)": ("layer",),
+    "GPTQModel (gptq)": ("expert", "layer-projection", "layer"),
+    "vLLM (gptq)": ("layer",),
+}
+GRANULARITIES = ("expert", "layer", "layer-projection")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -76,6 +94,11 @@ class ExpertItem:
     sensitivity: float  # score s_e; negative or NaN scores are treated as 0 (see _clean_score)
     error: dict[int, float]  # bits -> ‖Q_b(W_e) − W_e‖² with the real quantizer (sum over projections)
     cost: dict[int, int]  # bits -> bytes of the packed expert at that width (codes + scales + zeros)
+    # Per projection (needed by granularity="layer-projection" only), each summing over projections to the field
+    # above: projection name -> bits -> error; -> bits -> bytes (see projection_cost); -> weights.
+    proj_error: dict[str, dict[int, float]] | None = None
+    proj_params: dict[str, int] | None = None
+    proj_cost: dict[str, dict[int, int]] | None = None
 
 
 @dataclass
@@ -86,6 +109,8 @@ class Allocation:
     exact: bool  # True when provably optimal (for knapsack, under the scope's constraints)
     feasible_range: tuple[int, int]  # (all at min width, all at max width) in bytes
     details: dict = field(default_factory=dict)  # solver, DP size, duality gap, per-layer budgets, ...
+    # granularity="layer-projection" only: (layer, projection) -> width; every expert of the layer uses it
+    proj_bits: dict[tuple[int, str], int] | None = None
 
 
 @dataclass
@@ -226,6 +251,59 @@ def avg_bits_for_budget(items: list[ExpertItem], budget_bytes: float) -> float:
     if c1 == c0:
         return float(w1 if budget_bytes >= c1 else w0)
     return float(w0 + (budget_bytes - c0) * (w1 - w0) / (c1 - c0))
+
+
+def projection_cost(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool) -> int:
+    """Bytes of one expert projection ``[out, in]`` packed at ``bits`` (codes + float16 scales + zeros when
+    asymmetric): the per-projection term of ``apply.expert_cost``, which is the sum of this over the projections."""
+    from mopeq_core.sizing import matrix_bytes
+
+    return matrix_bytes(out_features, in_features, bits, group_size, symmetric)
+
+
+def _projection_units(items: list[ExpertItem], widths: tuple[int, ...], score: np.ndarray):
+    """Per-projection arrays for granularity="layer-projection": (names per layer, cost (n, P, k), value (n, P, k))
+    where P is the number of projections of the item's layer (padded with zero-cost, zero-value slots)."""
+    names: dict[int, tuple[str, ...]] = {}
+    for it in items:
+        missing = [f for f in ("proj_error", "proj_cost", "proj_params") if getattr(it, f) is None]
+        if missing:
+            raise UserInputError(
+                f"granularity 'layer-projection' needs per-projection errors, costs and sizes, but expert (layer "
+                f"{it.layer}, expert {it.expert}) has no {', '.join(missing)}: the engine must fill "
+                "ExpertItem.proj_error / proj_cost / proj_params")
+        ps = tuple(sorted(it.proj_error))
+        if tuple(sorted(it.proj_cost)) != ps or tuple(sorted(it.proj_params)) != ps or not ps:
+            raise ValueError(f"expert (layer {it.layer}, expert {it.expert}): proj_error, proj_cost and proj_params "
+                             "must name the same (non-empty) projections")
+        if names.setdefault(it.layer, ps) != ps:
+            raise ValueError(f"layer {it.layer}: experts name different projections ({list(names[it.layer])} vs "
+                             f"{list(ps)})")
+        for p in ps:
+            if tuple(sorted(it.proj_error[p])) != widths or tuple(sorted(it.proj_cost[p])) != widths:
+                raise ValueError(f"expert (layer {it.layer}, expert {it.expert}) projection {p!r} must carry the "
+                                 f"widths {list(widths)}")
+        if sum(it.proj_params.values()) != it.params:
+            raise ValueError(f"expert (layer {it.layer}, expert {it.expert}): proj_params sum to "
+                             f"{sum(it.proj_params.values())}, params is {it.params}")
+        for b in widths:
+            c = sum(int(it.proj_cost[p][b]) for p in ps)
+            e = math.fsum(float(it.proj_error[p][b]) for p in ps)
+            if c != int(it.cost[b]):
+                raise ValueError(f"expert (layer {it.layer}, expert {it.expert}) at {b} bits: proj_cost sums to {c}, "
+                                 f"cost is {it.cost[b]}")
+            if not math.isclose(e, float(it.error[b]), rel_tol=1e-6, abs_tol=1e-12):
+                raise ValueError(f"expert (layer {it.layer}, expert {it.expert}) at {b} bits: proj_error sums to "
+                                 f"{e!r}, error is {it.error[b]!r}")
+    P = max(len(v) for v in names.values())
+    n, k = len(items), len(widths)
+    pcost = np.zeros((n, P, k), dtype=np.int64)
+    pvalue = np.zeros((n, P, k))
+    for i, it in enumerate(items):
+        for j, p in enumerate(names[it.layer]):
+            pcost[i, j] = [int(it.proj_cost[p][b]) for b in widths]
+            pvalue[i, j] = [score[i] * float(it.proj_error[p][b]) for b in widths]
+    return names, pcost, pvalue
 
 
 def _chosen_cost(cost: np.ndarray, choice: np.ndarray) -> int:
@@ -688,6 +766,24 @@ def allocate(
         np.add.at(u_score, uidx, score)
         u_keys = [(int(l), -1) for l in ulayers]
         u_layers = ulayers
+    elif granularity == "layer-projection":
+        names, pcost, pvalue = _projection_units(items, widths, score)
+        unit_of: dict[tuple[int, int], int] = {}
+        u_keys = []
+        for layer in sorted(names):
+            for j in range(len(names[layer])):
+                unit_of[(layer, j)] = len(u_keys)
+                u_keys.append((layer, j - len(names[layer])))  # negative "expert" index, ascending with j
+        u_layers = np.array([k_[0] for k_ in u_keys])
+        u_cost = np.zeros((len(u_keys), k), dtype=np.int64)
+        u_value = np.zeros((len(u_keys), k))
+        u_score = np.zeros(len(u_keys))
+        for i, it in enumerate(items):
+            for j in range(len(names[it.layer])):
+                u = unit_of[(it.layer, j)]
+                u_cost[u] += pcost[i, j]
+                u_value[u] += pvalue[i, j]
+                u_score[u] += score[i]
     else:
         uidx = np.arange(n)
         u_cost, u_value, u_score, u_keys, u_layers = cost, value, score, keys, layers
@@ -732,15 +828,29 @@ def allocate(
         if gaps:
             details["gap"] = float(sum(gaps))
 
-    choice = u_choice[uidx]
-    rows = np.arange(n)
-    total = int(cost[rows, choice].sum())
+    proj_bits = None
+    if granularity == "layer-projection":
+        proj_bits = {(layer, p): widths[int(u_choice[unit_of[(layer, j)]])]
+                     for layer, ps in names.items() for j, p in enumerate(ps)}
+        total, terms, bits = 0, [], {}
+        for i, it in enumerate(items):
+            ps = names[it.layer]
+            js = [int(u_choice[unit_of[(it.layer, j)]]) for j in range(len(ps))]
+            total += sum(int(pcost[i, j, c]) for j, c in enumerate(js))
+            terms += [float(pvalue[i, j, c]) for j, c in enumerate(js)]
+            # representative width: that of the expert's largest projection (ties -> the wider)
+            bits[keys[i]] = max((it.proj_params[p], widths[c]) for p, c in zip(ps, js))[1]
+        objective = math.fsum(terms)
+    else:
+        choice = u_choice[uidx]
+        rows = np.arange(n)
+        total = int(cost[rows, choice].sum())
+        objective = math.fsum(value[rows, choice].tolist())
+        bits = {keys[i]: widths[int(choice[i])] for i in range(n)}
     if total > budget:
         raise AssertionError("allocation exceeds the budget")  # never by construction
-    objective = math.fsum(value[rows, choice].tolist())
-    bits = {keys[i]: widths[int(choice[i])] for i in range(n)}
     details["seconds"] = time.perf_counter() - t0
     details["units"] = len(u_keys)
     if not exact and allocator == "knapsack":
         details.setdefault("note", "not proven optimal; see gap")
-    return Allocation(bits, total, objective, exact, (lo, hi), details)
+    return Allocation(bits, total, objective, exact, (lo, hi), details, proj_bits)

@@ -10,7 +10,8 @@ SENSITIVITY_METHODS = ("auto", "hutchinson", "fisher", "frequency", "input-hessi
 COSTS = ("output", "weight")
 ALLOCATORS = ("knapsack", "tiers")
 QUANTIZERS = ("rtn", "gptq")
-FORMATS = ("mopeq", "fake", "compressed-tensors", "gptq", "gguf-overrides")
+FORMATS = ("mopeq", "fake", "compressed-tensors", "gptq", "gguf", "gguf-overrides")
+GRANULARITIES = ("expert", "layer", "layer-projection")
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
@@ -36,7 +37,7 @@ class QuantizeConfig:
                          "layer-hessian"] = "auto"
     allocator: Literal["knapsack", "tiers"] = "knapsack"
     scope: Literal["model", "layer"] = "model"
-    granularity: Literal["expert", "layer"] = "expert"
+    granularity: Literal["expert", "layer", "layer-projection"] = "expert"
     quantizer: Literal["rtn", "gptq"] = "gptq"
     # The allocator's error per expert and width: "output" = in·tr(ΔW H ΔWᵀ)/tr(H) (what GPTQ minimises),
     # "weight" = ‖ΔW‖² (see engine.output_error).
@@ -89,8 +90,8 @@ class QuantizeConfig:
             bad(f"--quantizer must be one of {', '.join(QUANTIZERS)}")
         if self.scope not in ("model", "layer"):
             bad("--scope must be model or layer")
-        if self.granularity not in ("expert", "layer"):
-            bad("--granularity must be expert or layer")
+        if self.granularity not in GRANULARITIES:
+            bad(f"--granularity must be one of {', '.join(GRANULARITIES)}")
         if self.format not in FORMATS:
             bad(f"--format must be one of {', '.join(FORMATS)}")
         if not (8 <= self.group_size <= 8192) or self.group_size % 8:

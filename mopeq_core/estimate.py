@@ -171,8 +171,20 @@ class ModelEstimate:
         d["layers"] = [
             {"layer": la.layer, "module": la.module, "experts": la.experts, "params_per_expert": la.params_per_expert}
             for la in self.layers]
-        d.update(min_gb=self.min_gb, max_gb=self.max_gb, feasible=self.feasible())
+        d.update(min_gb=self.min_gb, max_gb=self.max_gb, feasible=self.feasible(), engines=self.engines())
         return d
+
+    def engines(self) -> dict[str, dict[str, Any]]:
+        """Per serving target: the granularities it runs and which of ``bits`` it can store for this model."""
+        from .allocate import ENGINE_GRANULARITIES
+        from .gguf_export import gguf_widths
+
+        shapes = [s for la in self.layers for s in la.shapes]
+        widths = {"gguf": gguf_widths(shapes, self.bits), "compressed-tensors": [b for b in self.bits if b in (4, 8)],
+                  "gptq": [b for b in self.bits if b in (2, 3, 4, 8)]}
+        return {name: {"granularities": list(g),
+                       "bits": widths.get(name[name.index("(") + 1:-1], list(self.bits))}
+                for name, g in ENGINE_GRANULARITIES.items()}
 
 
 # ---- reading headers ----------------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ Formats (see docs/EXPORTS.md for who loads them and the exact commands):
 - ``gptq``: GPTQ (``checkpoint_format: "gptq"`` when symmetric, ``"gptq_v2"`` when asymmetric)
   ``qweight``/``qzeros``/``scales``/``g_idx`` per expert ``Linear`` with a GPTQModel ``dynamic`` map for experts whose width differs from the default and ``-:`` rules keeping the
   non-expert modules unquantized.
+- ``gguf``: one ``model.gguf`` (llama.cpp) whose expert tensors ``blk.N.ffn_{gate,up,down}_exps.weight`` carry the
+  allocated llama.cpp types (Q2_K/Q3_K/Q4_K/Q8_0, or Q4_0/Q8_0 for rows that are not a multiple of 256), written by
+  :mod:`mopeq_core.gguf_export` with the tokenizer; needs one width per layer x projection.
 - ``gguf-overrides``: ``tensor-types.txt`` for ``llama-quantize --tensor-type-file`` plus the fake-quantized model in
   safetensors for ``convert_hf_to_gguf.py``.
 
@@ -78,21 +81,28 @@ def precheck(fmt: str, cfg) -> None:
     not) express. Only what the configuration alone decides is checked (``--bits``, ``--granularity``,
     ``--asymmetric``); the exporters check the actual allocation again."""
     choices = sorted(set(getattr(cfg, "bits", ()) or ()))
-    layerwise = getattr(cfg, "granularity", "expert") == "layer"
+    layerwise = getattr(cfg, "granularity", "expert") in ("layer", "layer-projection")
     if fmt == "compressed-tensors":
         bad = [b for b in choices if b not in COMPRESSED_TENSORS_BITS]
         if bad:
             raise ExportError(f"--format compressed-tensors takes widths 4 and 8 only (vLLM's MoE kernels); "
                               f"--bits offers {bad}: use --bits 4 or --bits 8")
-        if len(choices) > 1:
-            raise ExportError("--format compressed-tensors needs one width for every MoE layer (transformers "
-                              "decodes all fused experts of a checkpoint with one scheme): use --bits 4 or --bits 8")
+        if len(choices) > 1 and getattr(cfg, "granularity", "expert") != "layer":
+            raise ExportError("--format compressed-tensors needs one width per MoE layer (vLLM runs one scheme per "
+                              "fused MoE layer): add --granularity layer, or use --bits 4 or --bits 8")
         if not cfg.symmetric:
             raise ExportError(_CT_ASYM_MSG)
     elif fmt == "gptq":
         bad = [b for b in choices if b not in GPTQ_BITS]
         if bad:
             raise ExportError(f"--format gptq takes widths {list(GPTQ_BITS)}; --bits offers {bad}")
+    elif fmt == "gguf":
+        bad = [b for b in choices if b not in GGUF_TYPES]
+        if bad:
+            raise ExportError(f"--format gguf maps widths {sorted(GGUF_TYPES)} to llama.cpp types; --bits offers {bad}")
+        if len(choices) > 1 and not layerwise:
+            raise ExportError("--format gguf needs one width per MoE layer x projection (GGUF has one type per "
+                              "tensor): add --granularity layer-projection or --granularity layer")
     elif fmt == "gguf-overrides":
         bad = [b for b in choices if b not in GGUF_TYPES]
         if bad:
@@ -310,12 +320,10 @@ _CT_ASYM_MSG = ("--format compressed-tensors needs symmetric quantization: trans
                 "(CompressedTensorsDequantize) rebuilds each fused expert from weight_packed, weight_scale and "
                 "weight_shape only and fails on the zero points of an asymmetric expert scheme; drop --asymmetric")
 _CT_MIXED_MSG = (
-    "--format compressed-tensors: this allocation gives different MoE layers different widths ({widths}). The "
-    "checkpoint format can say so (one config group per width), but transformers {tv} decodes every fused expert "
-    "with a single scheme (CompressedTensorsDequantize without a per-group scheme -> get_experts_scheme: the first "
-    "config group targeting experts), so from_pretrained would load the {other}-bit layers with wrong weights "
-    "and no error. Refusing rather than writing a checkpoint that loads silently wrong: use one width "
-    "(--bits 4 or --bits 8), or --format gptq / --format mopeq for mixed widths")
+    "--format compressed-tensors: different MoE layers have different widths ({widths}), written as one config group "
+    "per width with per-layer targets. transformers {tv} decodes every fused expert with the first experts group "
+    "(a bug: layers of the other width load wrong, without an error); load this checkpoint with "
+    "mopeq_core.loader.load_compressed_tensors (from_pretrained with the carried fix), see docs/EXPORTS.md")
 
 
 def _ct_scheme(bits: int, group_size: int, targets: list[str]):
@@ -406,10 +414,10 @@ def export_compressed_tensors(out_dir: Path, model, groups, chosen, bits, cfg) -
                           f"kernels); layers {[l_ for l_, b in widths.items() if b in bad]} got {bad} bits: use "
                           "--granularity layer --bits 4 or --bits 8, or --format gptq / mopeq")
     if len(set(widths.values())) > 1:
-        ws = sorted(set(widths.values()))
-        raise ExportError(_CT_MIXED_MSG.format(
-            widths=", ".join(f"layer {l_}: {b}-bit" for l_, b in sorted(widths.items())),
-            tv=transformers.__version__, other=ws[-1]))
+        import logging
+
+        logging.getLogger(__name__).warning(_CT_MIXED_MSG.format(
+            widths=", ".join(f"layer {l_}: {b}-bit" for l_, b in sorted(widths.items())), tv=transformers.__version__))
     for g in groups:
         for p in g.projections:
             if p.in_features % cfg.group_size:
@@ -595,6 +603,24 @@ def export_gguf_overrides(out_dir: Path, model, groups, chosen, bits, cfg) -> li
     if (out_dir / "generation_config.json").exists():
         files.append(out_dir / "generation_config.json")
     return files
+
+
+@register("gguf")
+def export_gguf(out_dir: Path, model, groups, chosen, bits, cfg) -> list[Path]:
+    """One ``model.gguf`` (see :mod:`mopeq_core.gguf_export`); widths per layer x projection from ``chosen``."""
+    from .gguf_export import write_gguf
+
+    for stale in out_dir.glob("*.gguf"):
+        stale.unlink()
+    path = out_dir / "model.gguf"
+    tmp = out_dir / "model.gguf.partial"
+    try:
+        write_gguf(tmp, model, groups, chosen)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return [path]
 
 
 def gguf_commands(out_dir: str = "DIR", llama_cpp: str = "llama.cpp") -> list[str]:

@@ -18,6 +18,7 @@ from mopeq_core.allocate import (
     avg_bits_for_budget,
     budget_for_avg_bits,
     feasible_range,
+    projection_cost,
 )
 from mopeq_core.errors import InfeasibleBudgetError, UserInputError
 from mopeq_core.sizing import expert_bytes
@@ -409,3 +410,141 @@ def test_lagrangian_fallback_within_gap_of_dp():
         assert gap >= 0
         assert dp.objective - 1e-9 * dp.objective <= lag.objective <= dp.objective + gap + 1e-9 * dp.objective
         assert lag.exact == (gap == 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# granularity=layer-projection vs brute force over one width per (layer, projection)
+# ---------------------------------------------------------------------------------------------------------------
+PROJS = ("down_proj", "gate_up_proj")
+
+
+def make_proj_items(rng, n, layers, widths=W3, kind="sizing"):
+    """Experts with two projections of random shapes; per-projection errors/costs summing to the expert's."""
+    items = []
+    for e in range(n):
+        shapes = {p: (int(rng.integers(1, 5)) * 16, int(rng.integers(1, 5)) * 16) for p in PROJS}
+        sym = bool(rng.integers(0, 2))
+        if kind == "random":
+            pcost = {}
+            for p in PROJS:
+                c = int(rng.integers(5, 40))
+                pcost[p] = {}
+                for b in widths:
+                    pcost[p][b] = c
+                    c += int(rng.integers(1, 25))
+        else:
+            pcost = {p: {b: projection_cost(*shapes[p], b, 32, sym) for b in widths} for p in PROJS}
+        perr = {p: {b: float(shapes[p][0] * shapes[p][1] * rng.uniform(0.2, 5.0) * 4.0 ** (-b)) for b in widths}
+                for p in PROJS}
+        pparams = {p: shapes[p][0] * shapes[p][1] for p in PROJS}
+        s = float(rng.choice([rng.uniform(0, 3), -rng.uniform(0, 1), 0.0], p=[0.8, 0.1, 0.1]))
+        items.append(ExpertItem(
+            layer=e % layers, expert=e // layers, params=sum(pparams.values()), sensitivity=s,
+            error={b: math.fsum(perr[p][b] for p in PROJS) for b in widths},
+            cost={b: sum(pcost[p][b] for p in PROJS) for b in widths},
+            proj_error=perr, proj_params=pparams, proj_cost=pcost))
+    return items
+
+
+def brute_force_proj(items, budget, scope):
+    """Optimal (objective, assignment) over every width per (layer, projection), independent of allocate()."""
+    widths = sorted(items[0].cost)
+    units = sorted({(it.layer, p) for it in items for p in PROJS})
+    lb = layer_budgets(items, budget) if scope == "layer" else None
+    best = (math.inf, None)
+    for combo in itertools.product(widths, repeat=len(units)):
+        a = dict(zip(units, combo))
+        cost_l: dict[int, int] = {}
+        for it in items:
+            cost_l[it.layer] = cost_l.get(it.layer, 0) + sum(it.proj_cost[p][a[(it.layer, p)]] for p in PROJS)
+        if scope == "layer":
+            if any(cost_l[layer] > lb[layer] for layer in cost_l):
+                continue
+        elif sum(cost_l.values()) > budget:
+            continue
+        v = sum(clean(it.sensitivity) * it.proj_error[p][a[(it.layer, p)]] for it in items for p in PROJS)
+        if v < best[0]:
+            best = (v, a)
+    return best
+
+
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_layer_projection_knapsack_matches_brute_force(scope):
+    rng = np.random.default_rng(14)
+    for trial in range(20):
+        layers = int(rng.integers(1, 3))
+        items = make_proj_items(rng, int(rng.integers(layers, 6)), layers, kind=["sizing", "random"][trial % 2])
+        for budget in budgets_for(items, rng):
+            ref, _ = brute_force_proj(items, budget, scope)
+            a = allocate(items, budget, scope=scope, granularity="layer-projection")
+            assert set(a.proj_bits) == {(it.layer, p) for it in items for p in PROJS}
+            # recompute bytes and objective from proj_bits alone
+            spent = sum(it.proj_cost[p][a.proj_bits[(it.layer, p)]] for it in items for p in PROJS)
+            obj = sum(clean(it.sensitivity) * it.proj_error[p][a.proj_bits[(it.layer, p)]]
+                      for it in items for p in PROJS)
+            assert a.total_bytes == spent <= budget
+            assert close(a.objective, obj)
+            assert a.exact
+            assert close(a.objective, ref), (trial, budget, a.objective, ref)
+            for it in items:  # representative width = the larger projection's
+                big = max(PROJS, key=lambda p, it=it: (it.proj_params[p], a.proj_bits[(it.layer, p)]))
+                assert a.bits[(it.layer, it.expert)] == a.proj_bits[(it.layer, big)]
+
+
+def test_layer_projection_is_between_layer_and_expert():
+    """Finer granularity can only help: objective(expert) <= objective(layer-projection) <= objective(layer)."""
+    rng = np.random.default_rng(15)
+    for _ in range(10):
+        items = make_proj_items(rng, 12, 3)
+        lo, hi = feasible_range(items)
+        for budget in rng.integers(lo, hi + 1, size=4).tolist():
+            by = {g: allocate(items, budget, granularity=g, method="dp").objective
+                  for g in ("expert", "layer-projection", "layer")}
+            assert by["expert"] <= by["layer-projection"] * (1 + 1e-9) + 1e-12
+            assert by["layer-projection"] <= by["layer"] * (1 + 1e-9) + 1e-12
+
+
+def test_layer_projection_tiers_respects_budget():
+    rng = np.random.default_rng(16)
+    items = make_proj_items(rng, 24, 3)
+    lo, hi = feasible_range(items)
+    for budget in [lo, (lo + hi) // 2, hi]:
+        a = allocate(items, budget, allocator="tiers", granularity="layer-projection")
+        assert a.total_bytes == sum(it.proj_cost[p][a.proj_bits[(it.layer, p)]] for it in items for p in PROJS)
+        assert a.total_bytes <= budget
+
+
+def test_layer_projection_needs_per_projection_fields():
+    rng = np.random.default_rng(17)
+    items = make_items(rng, 4, layers=2)
+    with pytest.raises(UserInputError, match="has no proj_error, proj_cost, proj_params"):
+        allocate(items, feasible_range(items)[1], granularity="layer-projection")
+    good = make_proj_items(rng, 4, 2)
+    it = good[0]
+    bad_cost = {p: dict(c) for p, c in it.proj_cost.items()}
+    bad_cost["down_proj"][3] += 1
+    broken = [ExpertItem(it.layer, it.expert, it.params, it.sensitivity, it.error, it.cost, it.proj_error,
+                         it.proj_params, bad_cost), *good[1:]]
+    with pytest.raises(ValueError, match="proj_cost sums to"):
+        allocate(broken, feasible_range(good)[1], granularity="layer-projection")
+
+
+def test_projection_cost_sums_to_expert_cost_of_a_real_model(tmp_path):
+    """projection_cost over a real ExpertGroup's projections equals apply.expert_cost (the engine's byte cost)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models
+
+    from mopeq_core.apply import QuantSettings, expert_cost
+    from mopeq_core.loading import load_model
+    from mopeq_core.moe import find_expert_groups
+
+    groups = find_expert_groups(load_model(tiny_models.build_model("mixtral", tmp_path)))
+    for sym in (True, False):
+        qs = QuantSettings(quantizer="rtn", group_size=16, symmetric=sym)
+        for g in groups:
+            for b in W3:
+                assert expert_cost(g, b, qs) == sum(
+                    projection_cost(p.out_features, p.in_features, b, 16, sym) for p in g.projections)

@@ -100,8 +100,10 @@ def test_precheck_refuses_configurations_up_front():
         precheck("compressed-tensors", cfg_for("compressed-tensors", bits=(2, 4)))
     with pytest.raises(ExportError, match="symmetric"):
         precheck("compressed-tensors", cfg_for("compressed-tensors", bits=(4,), symmetric=False))
-    with pytest.raises(ExportError, match="one width for every MoE layer"):
-        precheck("compressed-tensors", cfg_for("compressed-tensors", bits=(4, 8)))
+    ct_expert = QuantizeConfig(model="x", format="compressed-tensors", granularity="expert", bits=(4, 8))
+    with pytest.raises(ExportError, match="one width per MoE layer.*--granularity layer"):
+        precheck("compressed-tensors", ct_expert)
+    precheck("compressed-tensors", cfg_for("compressed-tensors", bits=(4, 8)))  # a width per layer: written
     gguf_expert = QuantizeConfig(model="x", format="gguf-overrides", granularity="expert", bits=(2, 3, 4))
     with pytest.raises(ExportError, match="--granularity layer"):
         precheck("gguf-overrides", gguf_expert)
@@ -169,10 +171,6 @@ def test_compressed_tensors_refusals(model_dirs, tmp_path):
     m, g, c, b = quantized(d, lambda i, e: 3)
     with pytest.raises(ExportError, match="4 and 8 only"):
         export("compressed-tensors", out, m, g, c, b, cfg_for("compressed-tensors"))
-    # different widths in different layers: transformers would decode them all with one scheme
-    m, g, c, b = quantized(d, lambda i, e: 4 if i == 0 else 8)
-    with pytest.raises(ExportError, match=r"transformers .* single scheme.*silently wrong"):
-        export("compressed-tensors", out, m, g, c, b, cfg_for("compressed-tensors"))
     # asymmetric: transformers' fused-expert loader drops the zero points
     m, g, c, b = quantized(d, lambda i, e: 4, symmetric=False)
     with pytest.raises(ExportError, match="symmetric"):
@@ -201,6 +199,36 @@ def test_transformers_still_misloads_mixed_width_layers(model_dirs, tmp_path):
     lgroups = find_expert_groups(loaded)
     assert torch.equal(lgroups[0].module.down_proj, groups[0].module.down_proj)  # the 4-bit layer is right
     assert not torch.allclose(lgroups[1].module.down_proj, groups[1].module.down_proj, atol=1e-3)
+
+
+def test_mixed_width_layers_load_with_the_carried_fix_and_match_our_loader(model_dirs, tmp_path):
+    """A width per MoE layer (4 and 8 bits) through --format compressed-tensors: from_pretrained under
+    loader.ct_experts_scheme_per_layer gives bit-identical experts, and its logits match load_quantized's on the
+    mopeq artifact of the same quantized matrices. The same checkpoint without the fix is still wrong (upstream)."""
+    from transformers import AutoModelForCausalLM
+
+    from mopeq_core.artifact import write_mopeq_artifact
+    from mopeq_core.loader import load_compressed_tensors, load_quantized
+
+    model, groups, chosen, bits = quantized(model_dirs["mixtral"], lambda i, e: 8 if i == 0 else 4)
+    out = tmp_path / "ct-mixed"
+    export("compressed-tensors", out, model, groups, chosen, bits, cfg_for("compressed-tensors", bits=(4, 8)))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert sorted(s["weights"]["num_bits"] for s in qc["config_groups"].values()) == [4, 8]
+    loaded = load_compressed_tensors(out, attn_implementation="eager")
+    lgroups = find_expert_groups(loaded)
+    for g, lg in zip(groups, lgroups):
+        for p in g.projections:
+            assert torch.equal(getattr(lg.module, p.name), getattr(g.module, p.name)), (g.layer, p.name)
+    ours = tmp_path / "mopeq"
+    write_mopeq_artifact(ours, model, groups, lambda g: {e: chosen[(g.layer, e)] for e in range(g.num_experts)},
+                         bits, group_size=G, symmetric=True, quantizer="rtn")
+    packed = load_quantized(ours, attn_implementation="eager")
+    assert rel_err(logits(packed, IDS), logits(loaded, IDS)) <= LOGIT_RTOL
+    # upstream state: stock from_pretrained decodes both layers with the first (4-bit) group: layer 0 is wrong
+    stock = find_expert_groups(AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager"))
+    assert torch.equal(stock[1].module.down_proj, groups[1].module.down_proj)
+    assert not torch.allclose(stock[0].module.down_proj, groups[0].module.down_proj, atol=1e-3)
 
 
 def test_layouts_without_per_expert_linears_are_refused(tmp_path):

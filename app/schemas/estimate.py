@@ -57,5 +57,7 @@ class EstimateOut(BaseModel):
     layers: list[MoELayerOut]
     calibration: dict[str, Any] | None = Field(None, description="seq_len, tokens and estimated calibration memory "
                                                                  "(activation_bytes, hessian_bytes, memory_bytes)")
+    engines: dict[str, Any] | None = Field(None, description="Per serving engine (format): the granularities it "
+                                                              "runs and the widths it can store for this model")
     budget_feasible: bool | None = None
     budget_message: str | None = None

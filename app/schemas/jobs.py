@@ -76,7 +76,7 @@ class JobCreate(Strict):
     sensitivity: Literal[SENSITIVITY_METHODS] = "auto"  # type: ignore[valid-type]
     allocator: Literal[ALLOCATORS] = "knapsack"  # type: ignore[valid-type]
     scope: Literal["model", "layer"] = "model"
-    granularity: Literal["expert", "layer"] = "expert"
+    granularity: Literal["expert", "layer", "layer-projection"] = "expert"
     quantizer: Literal[QUANTIZERS] = "gptq"  # type: ignore[valid-type]
     group_size: int = Field(128, ge=8, le=8192)
     symmetric: bool = True

@@ -276,6 +276,8 @@ def test_estimate_route(api: Api) -> None:
     assert d["num_experts"] == 8 and d["moe_layers"] == 2 and d["feasible"]["avg_bits"] == [2.0, 4.0]
     assert d["budget_feasible"] is False and "feasible range" in d["budget_message"]
     assert d["min_bytes"] < d["max_bytes"] < d["stored_bytes"]
+    assert d["engines"]["llama.cpp (gguf)"]["granularities"] == ["layer-projection", "layer"]
+    assert d["engines"]["vLLM (compressed-tensors)"] == {"granularities": ["layer"], "bits": [4]}
     r = api.c.post("/v1/estimate", json={"model": "org/tiny-moe"}, headers=auth())
     assert r.status_code == 200 and r.json()["source"] == "hub"
     r = api.c.post("/v1/estimate", json={"model": str(api.root / "not-moe")}, headers=auth())
