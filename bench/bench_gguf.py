@@ -41,7 +41,7 @@ from mopeq_core.gguf_export import ggml_tensor_bytes, ggml_type_for_width, gguf_
 from mopeq_core.loader import load_packed_matrices, load_quantized  # noqa: E402
 from mopeq_core.loading import load_model, load_tokenizer  # noqa: E402
 from mopeq_core.moe import find_expert_groups  # noqa: E402
-from mopeq_core.pipeline import run_quantization  # noqa: E402
+from mopeq_core import engine  # noqa: E402
 from mopeq_core.quantize import QuantSpec, quantization_error, quantize_rtn  # noqa: E402
 
 MODEL = REPO / "models" / "mopeq-tiny-moe"
@@ -111,7 +111,7 @@ def main() -> None:
                          quantizer="rtn", sensitivity="hutchinson", probes=args.probes, group_size=GS,
                          calib_file=str(REPO / "data" / "calib.jsonl"))
     if not (art / "bitmap.json").exists():
-        run_quantization(cfg, art)
+        engine.run(cfg, art)
     bitmap = json.loads((art / "bitmap.json").read_text())
     ours = llama_style_ppl(load_quantized(art), tok, text)
     fp = load_model(MODEL)

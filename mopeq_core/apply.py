@@ -35,17 +35,19 @@ class CandidateSet:
     matrices: dict[tuple[int, int, int], dict[str, QuantizedMatrix]] = field(default_factory=dict)  # (l, e, b)
 
 
-def quantize_expert(group: ExpertGroup, expert: int, bits: int, stats: CalibrationStats | None,
+def quantize_expert(group: ExpertGroup, expert: int, bits: int | dict[str, int], stats: CalibrationStats | None,
                     qs: QuantSettings) -> dict[str, QuantizedMatrix]:
+    """The expert's projections at ``bits`` (one width, or a width per projection name)."""
     out = {}
     fn = QUANTIZERS[qs.quantizer]
     for p in group.projections:
+        b = bits[p.name] if isinstance(bits, dict) else bits
         W = group.weight(expert, p.name).detach().float()
         H = None
         if stats is not None and stats.hessians:
             H = stats.hessians[(group.layer, p.name)][expert].to(W.device)
         kw = {"damp": qs.damp, "act_order": qs.act_order} if qs.quantizer == "gptq" else {}
-        out[p.name] = fn(W, H, qs.spec(bits), **kw)
+        out[p.name] = fn(W, H, qs.spec(b), **kw)
     return out
 
 

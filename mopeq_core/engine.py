@@ -330,7 +330,10 @@ class _Run:
         self.elem = torch.finfo(self.ck_dtype).bits // 8
         self.skip_names = expert_param_names(model, self.groups)
         self.non_expert_bytes = _non_expert_bytes(model, self.skip_names, self.elem)
-        self.costs = {(g.layer, e): {b: _expert_cost(g, b, self.qs) for b in cfg.bits}
+        self.proj_costs = {(g.layer, p.name): {b: self._projection_cost(p, b) for b in cfg.bits}
+                           for g in self.groups for p in g.projections}
+        self.costs = {(g.layer, e): {b: sum(self.proj_costs[(g.layer, p.name)][b] for p in g.projections)
+                                     for b in cfg.bits}
                       for g in self.groups for e in range(g.num_experts)}
         self.budget_bytes, self.budget_desc = self._budget()  # an infeasible budget stops here, before compute
         from .streaming import make_batches
@@ -342,6 +345,17 @@ class _Run:
         if self.folds is not None and len(self.calib_batches) < FOLDS:
             raise UserInputError(f"--sensitivity auto cross-fits on {FOLDS} halves of the calibration data: give at "
                                  f"least {FOLDS * BATCH} calibration samples (or pick a method)")
+
+    def _projection_cost(self, p, bits: int) -> int:
+        """Bytes of one expert projection at ``bits``: packed codes and scales, or (``--format gguf``) the real
+        blocks of the llama.cpp type that stores that width, so the budget is the file's."""
+        if self.cfg.format == "gguf":
+            from .gguf_export import gguf_projection_cost
+
+            return gguf_projection_cost(p.out_features, p.in_features, bits)
+        from .allocate import projection_cost
+
+        return projection_cost(p.out_features, p.in_features, bits, self.cfg.group_size, self.cfg.symmetric)
 
     def _budget(self) -> tuple[int, dict]:
         from .allocate import ExpertItem, budget_for_avg_bits, feasible_range
@@ -591,7 +605,9 @@ class _Run:
                 err = {b: sum(proj[p.name][b] for p in g.projections) for b in self.cfg.bits}
                 out.append(ExpertItem(layer=g.layer, expert=e, params=g.expert_params,
                                       sensitivity=float(scores[g.layer][e]), error=err,
-                                      cost=self.costs[(g.layer, e)]))
+                                      cost=self.costs[(g.layer, e)], proj_error=proj,
+                                      proj_params={p.name: p.params for p in g.projections},
+                                      proj_cost={p.name: self.proj_costs[(g.layer, p.name)] for p in g.projections}))
         return out
 
     def _allocate(self, scores: dict[int, list[float]]):
@@ -617,6 +633,7 @@ class _Run:
             a = allocations[best]
             self.alloc_state = {
                 "method": best, "bits": [[k[0], k[1], b] for k, b in sorted(a.bits.items())],
+                "proj_bits": [[k[0], k[1], b] for k, b in sorted((a.proj_bits or {}).items())],
                 "objective": a.objective, "exact": a.exact, "total_expert_bytes": a.total_bytes,
                 "feasible_range": list(a.feasible_range), "budget_expert_bytes": self.budget_bytes,
                 "budget": self.budget_desc, "validation": validation, "details": _jsonable(a.details),
@@ -624,6 +641,11 @@ class _Run:
             st.write_json("allocate", self.alloc_state)
             st.mark("allocate")
         self.bits = {(l_, e): b for l_, e, b in self.alloc_state["bits"]}
+        self.proj_bits = {(l_, p): b for l_, p, b in self.alloc_state.get("proj_bits", [])}
+
+    def widths(self, g, e: int) -> dict[str, int]:
+        """Expert ``e``'s width per projection (one width for all, except with layer-projection granularity)."""
+        return {p.name: self.proj_bits.get((g.layer, p.name), self.bits[(g.layer, e)]) for p in g.projections}
 
     def _validate(self) -> dict:
         """Two-fold cross-fitting of ``auto``'s candidates: the allocation from each method's scores on one half
@@ -635,7 +657,8 @@ class _Run:
             fold_scores = self.sens[m].details["fold_scores"]
             for f in range(FOLDS):
                 other = {int(k): v for k, v in fold_scores[(f + 1) % FOLDS].items()}
-                configs.append((m, f, self._allocate(other).bits))
+                a = self._allocate(other)
+                configs.append((m, f, _widths_of(a)))
         runs = {}
         for c, (m, f, _) in enumerate(configs):
             for bi, (key, batch) in enumerate(self.calib_batches):
@@ -649,9 +672,9 @@ class _Run:
             with stream.layer(i) as layer:
                 cands = self._read_candidates(i) if g is not None else None
                 saved = _expert_weights(g) if g is not None else None
-                for c, (_, _, bits) in enumerate(configs):
+                for c, (_, _, widths) in enumerate(configs):
                     if g is not None:
-                        _apply_candidates(g, cands, bits, self.cfg)
+                        _apply_candidates(g, cands, widths, self.cfg)
                     with torch.no_grad():
                         for rk, (key, batch) in runs.items():
                             if rk[0] == c:
@@ -743,7 +766,7 @@ class _Run:
                         chosen = self._gptq_at_allocated_widths(g, stats)
                         del stats, acc
                     else:
-                        chosen = _candidates_at(g, self._read_candidates(i), self.bits, cfg)
+                        chosen = _candidates_at(g, self._read_candidates(i), self.widths, cfg)
                     from .artifact import packed_key
 
                     for e, per in chosen.items():
@@ -766,8 +789,12 @@ class _Run:
                 xs = new
         index = {"metadata": {"format": "mopeq", "format_version": FORMAT_VERSION}, "weight_map": weight_map}
         (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=1))
-        write_config(self.staging, stream.model, quantization_config(self.groups, self.bits, cfg.group_size,
-                                                                     cfg.symmetric, cfg.quantizer))
+        qc = quantization_config(self.groups, self.bits, cfg.group_size, cfg.symmetric, cfg.quantizer)
+        if self.proj_bits:  # layer-projection: the loader reads a width per projection
+            for g in self.groups:
+                qc["modules"][g.path]["proj_bits"] = {p.name: [self.widths(g, e)[p.name] for e in range(g.num_experts)]
+                                                      for p in g.projections}
+        write_config(self.staging, stream.model, qc)
         out = {"sequential": sequential, "eval_loss": None}
         if self.eval_batches:
             out["eval_loss"] = self._head_loss(self.eval_batches, xs)
@@ -776,7 +803,7 @@ class _Run:
     def _gptq_at_allocated_widths(self, g, stats) -> dict[int, dict]:
         from .apply import quantize_expert
 
-        return {e: quantize_expert(g, e, self.bits[(g.layer, e)], stats, self.qs) for e in range(g.num_experts)}
+        return {e: quantize_expert(g, e, self.widths(g, e), stats, self.qs) for e in range(g.num_experts)}
 
     # -- evaluate -------------------------------------------------------------------------------------------------
     def evaluate(self) -> None:
@@ -823,15 +850,31 @@ class _Run:
             if cfg.sensitivity == "auto":
                 sensitivity_desc["selected_by"] = "auto"
                 sensitivity_desc["candidate_holdout_loss"] = a["validation"]["loss"]
+            # each expert's bytes at its widths (per projection with layer-projection granularity)
+            costs = {(g.layer, e): {self.bits[(g.layer, e)]: sum(self.proj_costs[(g.layer, p)][b]
+                                                                for p, b in self.widths(g, e).items())}
+                     for g in self.groups for e in range(g.num_experts)}
             bitmap = build_bitmap(
                 model_id=cfg.model, revision=self.revision, groups=self.groups, bits=self.bits, scores=chosen.scores,
-                frequency={g.layer: self.stats.frequency(g.layer).tolist() for g in self.groups}, costs=self.costs,
+                frequency={g.layer: self.stats.frequency(g.layer).tolist() for g in self.groups}, costs=costs,
                 non_expert_bytes=self.non_expert_bytes, bits_choices=cfg.bits, group_size=cfg.group_size,
                 symmetric=cfg.symmetric, quantizer=cfg.quantizer, sensitivity=sensitivity_desc,
                 allocation={"allocator": cfg.allocator, "scope": cfg.scope, "granularity": cfg.granularity,
                             **a["budget"]})
+            if self.proj_bits:
+                params = sum(g.expert_params * g.num_experts for g in self.groups)
+                bitmap["avg_bits"] = sum(p.params * w for g in self.groups for e in range(g.num_experts)
+                                         for p in g.projections for w in [self.widths(g, e)[p.name]]) / params
+                for layer, g in zip(bitmap["layers"], self.groups):
+                    for ex in layer["experts"]:
+                        ex["projections"] = self.widths(g, ex["expert"])
             out_dir.mkdir(parents=True, exist_ok=True)
             files = self._export_files(bitmap)
+            if cfg.format == "gguf":  # the budget was counted in llama.cpp's blocks: the figures are the file's
+                from .gguf_export import gguf_sizes
+
+                sizes = gguf_sizes(next(out_dir.glob("*.gguf")))
+                bitmap["expert_bytes"], bitmap["total_bytes"] = sizes["expert_bytes"], sizes["total_bytes"]
             (out_dir / "bitmap.json").write_text(json.dumps(bitmap, indent=1))
             files.append(out_dir / "bitmap.json")
         model, stream = self.stream.model, self.stream
@@ -918,12 +961,6 @@ def output_error(W: torch.Tensor, qm, H: torch.Tensor | None) -> float:
     return float(W.shape[-1] * ((dW @ H) * dW).sum() / tr)
 
 
-def _expert_cost(g, bits: int, qs) -> int:
-    from .apply import expert_cost
-
-    return expert_cost(g, bits, qs)
-
-
 def _numel(ck) -> int:
     return sum(math.prod(shape) for (_, _, shape, _, _) in ck.entries.values())
 
@@ -965,17 +1002,25 @@ def _state_tensors(module, prefix: str | None, skip_names, ck_dtype, exclude_pre
     return out
 
 
-def _candidates_at(g, tensors: dict[str, torch.Tensor], bits: dict, cfg) -> dict[int, dict]:
-    """The layer's packed candidates at the given widths, as QuantizedMatrix objects."""
+def _widths_of(a) -> Callable:
+    """``widths(group, expert) -> {projection: bits}`` of an Allocation."""
+    def widths(g, e):
+        return {p.name: (a.proj_bits or {}).get((g.layer, p.name), a.bits[(g.layer, e)]) for p in g.projections}
+    return widths
+
+
+def _candidates_at(g, tensors: dict[str, torch.Tensor], widths: Callable, cfg) -> dict[int, dict]:
+    """The layer's packed candidates at ``widths(group, expert)`` per projection, as QuantizedMatrix objects."""
     from .artifact import packed_key
     from .quantize import QuantizedMatrix, QuantSpec
 
     out = {}
     for e in range(g.num_experts):
-        b = bits[(g.layer, e)]
-        spec = QuantSpec(bits=b, group_size=cfg.group_size, symmetric=cfg.symmetric)
+        ws = widths(g, e)
         per = {}
         for p in g.projections:
+            b = ws[p.name]
+            spec = QuantSpec(bits=b, group_size=cfg.group_size, symmetric=cfg.symmetric)
             t = {part: tensors[f"{b}.{packed_key(g.path, p.name, e, part)}"] for part in ("qweight", "scales", "qzeros")
                  if f"{b}.{packed_key(g.path, p.name, e, part)}" in tensors}
             per[p.name] = QuantizedMatrix.from_packed(t, spec, (p.out_features, p.in_features))
@@ -983,9 +1028,9 @@ def _candidates_at(g, tensors: dict[str, torch.Tensor], bits: dict, cfg) -> dict
     return out
 
 
-def _apply_candidates(g, tensors, bits, cfg) -> None:
-    """Write the dequantized candidates at ``bits`` into the layer's expert weights."""
-    for e, per in _candidates_at(g, tensors, bits, cfg).items():
+def _apply_candidates(g, tensors, widths, cfg) -> None:
+    """Write the dequantized candidates at ``widths`` into the layer's expert weights."""
+    for e, per in _candidates_at(g, tensors, widths, cfg).items():
         for proj, qm in per.items():
             dst = g.weight(e, proj)
             g.set_weight(e, proj, qm.dequantize(dst.dtype, device=dst.device))

@@ -190,12 +190,12 @@ def test_gguf_refuses_what_it_cannot_express(tmp_path):
 
 def test_pipeline_writes_gguf_whose_types_match_bitmap(tmp_path):
     """The shipped model end to end with --format gguf --granularity layer --bits 4,8: bitmap widths = GGUF types."""
-    from mopeq_core.pipeline import run_quantization
+    from mopeq_core import engine
 
     cfg = QuantizeConfig(model=str(SHIPPED), budget=Budget(avg_bits=6.0), bits=(4, 8), granularity="layer",
                          format="gguf", quantizer="rtn", sensitivity="weight-norm", group_size=32,
                          calib_file=str(REPO / "data" / "calib.jsonl"), calib_samples=4, seq_len=32, probes=1)
-    res = run_quantization(cfg, tmp_path)
+    res = engine.run(cfg, tmp_path)
     bitmap = json.loads((tmp_path / "bitmap.json").read_text())
     ggufs = list(tmp_path.glob("*.gguf"))
     assert len(ggufs) == 1
@@ -211,6 +211,10 @@ def test_pipeline_writes_gguf_whose_types_match_bitmap(tmp_path):
             assert types[f"blk.{layer['layer']}.{n}.weight"] == {4: "Q4_0", 8: "Q8_0"}[b]
     assert used == {4, 8}  # 6 mean bits over 4 layers: a real mix
     assert res.out_dir == tmp_path
+    # the budget is counted in llama.cpp's blocks: bitmap.json's bytes are the file's
+    assert bitmap["total_bytes"] == ggufs[0].stat().st_size
+    assert bitmap["expert_bytes"] == sum(int(t.n_bytes) for t in r.tensors if "_exps." in t.name)
+    assert bitmap["expert_bytes"] <= res.report["allocation"]["budget_expert_bytes"]
 
 
 def test_block_table_matches_gguf_and_estimate_offers_engines():
