@@ -340,7 +340,8 @@ class JobRun:
         cfg = QuantizeConfig(
             model=model, revision=revision, budget=Budget(avg_bits=job.budget_avg_bits, gb=job.budget_gb),
             bits=tuple(job.bits), sensitivity=job.sensitivity, allocator=job.allocator, scope=job.scope,
-            granularity=job.granularity, quantizer=job.quantizer, group_size=job.group_size,
+            granularity=job.granularity, quantizer=job.quantizer, cost=opts.get("cost", "output"),
+            sequential=bool(opts.get("sequential", True)), group_size=job.group_size,
             symmetric=job.symmetric, act_order=bool(opts.get("act_order", False)), probes=job.probes,
             calib_file=job.calib_file, calib_samples=job.calib_samples, seq_len=job.seq_len,
             eval_file=job.eval_file, eval_samples=job.eval_samples,

@@ -78,6 +78,9 @@ class JobCreate(Strict):
     scope: Literal["model", "layer"] = "model"
     granularity: Literal["expert", "layer", "layer-projection"] = "expert"
     quantizer: Literal[QUANTIZERS] = "gptq"  # type: ignore[valid-type]
+    cost: Literal["output", "weight"] = Field("output", description="The allocator's error: output (what GPTQ "
+                                                                    "minimises) or weight")
+    sequential: bool = Field(True, description="GPTQ each layer from the outputs of the quantized layers before it")
     group_size: int = Field(128, ge=8, le=8192)
     symmetric: bool = True
     act_order: bool = False
