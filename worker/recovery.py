@@ -18,6 +18,7 @@ from sqlalchemy import and_, false, or_, select, update
 from app.core.celery_conf import enqueue
 from app.db.models import Job, Worker, utcnow
 from app.services.events import add_event
+from app.services.storage import get_store
 
 
 class WorkerContext(Protocol):
@@ -89,8 +90,13 @@ def dead_worker_ids(ctx: WorkerContext) -> set[str]:
 
 
 def remove_job_files(ctx: WorkerContext, job_id: str) -> None:
-    for path in (ctx.settings.artifact_dir / job_id, ctx.settings.work_dir / job_id):
-        shutil.rmtree(path, ignore_errors=True)
+    """The job's files in this worker's work dir and everything stored for it (a failed or cancelled job has no
+    artifact rows: nothing of it was ever visible)."""
+    shutil.rmtree(ctx.settings.work_dir / job_id, ignore_errors=True)
+    try:
+        get_store(ctx.settings).delete_job(job_id)
+    except Exception as exc:  # noqa: BLE001 - invisible leftovers; they go with the job (DELETE /v1/jobs/{id})
+        log.warning("job %s: could not remove its stored files (%s)", job_id, type(exc).__name__)
 
 
 def sweep(ctx: WorkerContext) -> dict[str, int]:
@@ -187,7 +193,9 @@ def _forget_lost_publishes(ctx: WorkerContext) -> None:
 
 def _publish(ctx: WorkerContext, job_id: str) -> bool:
     try:
-        enqueue(ctx.celery, ctx.settings, job_id)  # type: ignore[arg-type]
+        with ctx.factory() as db:
+            queue = db.scalar(select(Job.queue).where(Job.id == job_id))
+        enqueue(ctx.celery, ctx.settings, job_id, queue)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - retried by the next sweep (enqueued_at stays NULL)
         log.warning("could not publish job %s: %s", job_id, type(exc).__name__)
         return False
