@@ -137,6 +137,19 @@ def test_submit_follow_and_download(server: Server) -> None:
     assert [int(e["id"]) for e in tail if "id" in e] == ids[5:]
 
 
+def test_delete_a_finished_job_removes_its_local_files(server: Server) -> None:
+    jobs = server.get("/v1/jobs?status=succeeded").json()["items"]
+    assert jobs
+    job_id = jobs[-1]["id"]
+    art_dir = server.home / ".mopeq" / "artifacts" / job_id
+    assert (art_dir / "bitmap.json").is_file()
+    r = server.c.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 204, r.text
+    assert not art_dir.exists()
+    assert server.c.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert server.c.delete(f"/v1/jobs/{job_id}").status_code == 404
+
+
 def test_cancel_mid_run_cleans_files(server: Server) -> None:
     job = server.submit()
     wait_until(lambda: server.job(job["id"])["stage"] == DELAY_STAGE, 120, f"stage {DELAY_STAGE}")

@@ -334,6 +334,8 @@ def test_routing_by_memory_and_refusal_naming_the_figure(fleet: Fleet, model_roo
     assert err["code"] == "no_queue_fits" and err["memory_needed_bytes"] > 20_000_000
     assert f"{err['memory_needed_bytes'] / 1e9:.3g} GB" in err["detail"] and "gpu-big" in err["detail"]
 
+    ready = httpx.get(f"{api1}/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok", "store": "ok"}
     metrics = httpx.get(f"{api1}/metrics", timeout=30).text
     assert 'mopeq_queue_depth{queue="cpu"} 0.0' in metrics and 'mopeq_queue_depth{queue="gpu-big"} 0.0' in metrics
     assert 'mopeq_queue_jobs{queue="gpu-big",status="queued"} 0.0' in metrics
@@ -354,3 +356,27 @@ def test_delete_removes_rows_and_objects(fleet: Fleet, model_root: Path, s3: dic
     assert r.status_code == 204, r.text
     assert _objects(s3, job_id) == {} and fleet.artifacts(job_id) == []
     assert httpx.get(f"{api1}/v1/jobs/{job_id}", headers=auth(), timeout=30).status_code == 404
+
+
+def test_queue_classes_parse_pick_and_detect() -> None:
+    from app.core.config import Settings
+    from app.services.errors import ServiceError
+    from app.services.queues import for_device, parse_queues, pick
+
+    assert [q.name for q in parse_queues("gpu-80g:80, cpu:16,gpu-24g:24")] == ["cpu", "gpu-24g", "gpu-80g"]
+    for bad in ("cpu", "cpu:0", "cpu:x", "c pu:4", "cpu:4,cpu:8"):
+        with pytest.raises(ValueError):
+            parse_queues(bad)
+    with pytest.raises(ValueError):
+        Settings(QUEUES="gpu-80g")
+    with pytest.raises(ValueError):
+        Settings(ARTIFACT_STORE="ftp://bucket/x")
+    s = Settings(QUEUES="cpu:16,gpu-24g:24,gpu-80g:80,gpu-141g:141", QUEUE="auto")
+    assert pick(s, 15 * 10**9) == "cpu" and pick(s, 16 * 10**9 + 1) == "gpu-24g" and pick(s, 141 * 10**9) == "gpu-141g"
+    with pytest.raises(ServiceError) as err:
+        pick(s, 150 * 10**9)
+    assert err.value.status == 422 and "150 GB" in err.value.detail and err.value.extra["memory_needed_bytes"] == 150e9
+    # --queue auto: the largest class the device holds (an H100 80GB reports 85.0e9 bytes), the smallest without one
+    assert for_device(s, 85_000_000_000) == "gpu-80g" and for_device(s, 25_769_803_776) == "gpu-24g"
+    assert for_device(s, 150_000_000_000) == "gpu-141g" and for_device(s, None) == "cpu"
+    assert pick(Settings(QUEUE="gpu"), 10**15) == "gpu"  # no classes: one queue, nothing refused here
