@@ -12,6 +12,7 @@ needs; DELETE /v1/jobs/{id} removes the objects too."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -38,10 +39,12 @@ from svc_util import (
     wait_status,
     wait_until,
 )
+from typer.testing import CliRunner
 
 from app.db.models import Artifact, JobEvent
 from app.services.storage import LocalStore, S3Store, parse_s3_url
-from mopeq_client import MopeqClient
+from mopeq_client import MopeqClient, NotFoundError
+from mopeq_client.cli import app as cli_app
 
 BUCKET = "mopeq-artifacts"
 PREFIX = "t-" + uuid.uuid4().hex[:8]
@@ -356,6 +359,16 @@ def test_delete_removes_rows_and_objects(fleet: Fleet, model_root: Path, s3: dic
     assert r.status_code == 204, r.text
     assert _objects(s3, job_id) == {} and fleet.artifacts(job_id) == []
     assert httpx.get(f"{api1}/v1/jobs/{job_id}", headers=auth(), timeout=30).status_code == 404
+
+    # the SDK and the remote CLI do the same
+    second = jobs[1]["id"]
+    assert _objects(s3, second)
+    res = CliRunner().invoke(cli_app, ["delete", second, "--json"], env={"MOPEQ_URL": api1, "MOPEQ_API_KEY": BOOT_KEY},
+                             catch_exceptions=False)
+    assert res.exit_code == 0 and json.loads(res.stdout) == {"id": second, "deleted": True}, res.output
+    assert _objects(s3, second) == {}
+    with MopeqClient(api2, BOOT_KEY) as sdk, pytest.raises(NotFoundError):
+        sdk.delete(second)
 
 
 def test_queue_classes_parse_pick_and_detect() -> None:
