@@ -8,7 +8,6 @@ import errno
 import gc
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ from app.db.models import Artifact, ExpertAllocation, Job, utcnow
 from app.services import tenant_files
 from app.services.errors import error_code
 from app.services.events import add_event
-from app.services.storage import StoredFile, get_store
+from app.services.storage import StoredFile, get_store, tree_bytes
 from mopeq_core.errors import CancelledError, UserInputError
 from worker.context import Current, WorkerContext
 from worker.recovery import claim, remove_job_files
@@ -91,17 +90,6 @@ def _parse_delays(spec: str) -> dict[str, tuple[float, bool]]:
             except ValueError:
                 pass
     return out
-
-
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 class JobRun:
@@ -411,7 +399,7 @@ class JobRun:
         quota = self.s.ARTIFACT_MAX_BYTES
         if quota <= 0:
             return
-        mine = _tree_bytes(self.out_dir)
+        mine = tree_bytes(self.out_dir)
         used = self.store.used_bytes(exclude_job=self.job_id) + mine
         if used > quota:
             raise DiskSpaceError(f"the artifact store is full: {used} bytes used (this job's output: {mine}) > "

@@ -57,7 +57,7 @@ def output_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _tree_bytes(root: Path) -> int:
+def tree_bytes(root: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
@@ -141,8 +141,8 @@ class LocalStore(ArtifactStore):
         return path if path.is_relative_to(base) and path.is_file() else None
 
     def used_bytes(self, exclude_job: str | None = None) -> int:
-        used = _tree_bytes(self.root)
-        return used - _tree_bytes(self.root / exclude_job) if exclude_job else used
+        used = tree_bytes(self.root)
+        return used - tree_bytes(self.root / exclude_job) if exclude_job else used
 
     def check(self) -> None:
         if not self.root.is_dir():
