@@ -88,7 +88,8 @@ class ArtifactStore:
         """Remove everything stored for the job. Returns how many objects (files) went."""
         raise NotImplementedError
 
-    def read_bytes(self, uri: str) -> bytes:
+    def read_bytes(self, job_id: str, name: str, uri: str) -> bytes:
+        """One stored file's bytes (small files: the bit map)."""
         raise NotImplementedError
 
     def local_path(self, job_id: str, name: str) -> Path | None:
@@ -130,10 +131,12 @@ class LocalStore(ArtifactStore):
         shutil.rmtree(path, ignore_errors=True)
         return n
 
-    def read_bytes(self, uri: str) -> bytes:
-        from urllib.parse import unquote, urlparse
-
-        return Path(unquote(urlparse(uri).path)).read_bytes()
+    def read_bytes(self, job_id: str, name: str, uri: str) -> bytes:
+        # by name under this process's own root: the row's uri is the worker's path, which may be mounted elsewhere
+        path = self.local_path(job_id, name)
+        if path is None:
+            raise FileNotFoundError(f"{job_id}/{name}")
+        return path.read_bytes()
 
     def local_path(self, job_id: str, name: str) -> Path | None:
         base = (self.root / job_id).resolve()
@@ -271,7 +274,7 @@ class S3Store(ArtifactStore):
         shutil.rmtree(self.work_dir / job_id, ignore_errors=True)
         return len(keys)
 
-    def read_bytes(self, uri: str) -> bytes:
+    def read_bytes(self, job_id: str, name: str, uri: str) -> bytes:
         bucket, key = parse_s3_url(uri)
         return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
 

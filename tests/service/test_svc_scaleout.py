@@ -215,7 +215,8 @@ def test_store_backends_roundtrip(s3: dict[str, str], tmp_path: Path) -> None:
     assert "-" in head["ETag"], "an 11 MB file above a 5 MB threshold goes up in parts"
     got = httpx.get(store.presigned_url(second[0].uri, "model.safetensors"), timeout=30)
     assert got.status_code == 200 and _sha(got.content) == _sha(big)
-    assert store.read_bytes(second[1].uri) == b'{"avg_bits": 3.0}' and second[1].name == "sub/bitmap.json"
+    assert store.read_bytes("job1", "sub/bitmap.json", second[1].uri) == b'{"avg_bits": 3.0}'
+    assert second[1].name == "sub/bitmap.json"
     assert store.prune("job1", second) == len(first)
     keys = {o["Key"] for o in c.list_objects_v2(Bucket=BUCKET, Prefix=f"unit-{PREFIX}/job1/").get("Contents", [])}
     assert keys == {parse_s3_url(f.uri)[1] for f in second}
@@ -228,6 +229,7 @@ def test_store_backends_roundtrip(s3: dict[str, str], tmp_path: Path) -> None:
     files = local.publish("job2", 1, local.output_dir("job2"))
     assert [f.name for f in files] == ["model.safetensors", "sub/bitmap.json"] and files[0].sha256 == _sha(big)
     assert local.local_path("job2", "sub/bitmap.json") is not None and local.presigned_url(files[0].uri, "x") is None
+    assert local.read_bytes("job2", "sub/bitmap.json", "file:///elsewhere/on/the/worker") == b'{"avg_bits": 3.0}'
     assert local.local_path("job2", "../job2/../../etc/passwd") is None
     assert local.delete_job("job2") == 2 and not (tmp_path / "artifacts" / "job2").exists()
 

@@ -175,7 +175,7 @@ def get_bitmap(job: OwnedJob, db: DB, settings: SettingsDep) -> JSONResponse:
         raise ServiceError(409, "not_ready", f"the bit map is available once the job has succeeded (it is "
                                              f"{job.status})")
     try:
-        raw = get_store(settings).read_bytes(row.uri)
+        raw = get_store(settings).read_bytes(job.id, row.name, row.uri)
     except Exception as exc:  # noqa: BLE001 - missing file or object, store unreachable
         log.warning("job %s: bitmap.json unreadable from the store (%s)", job.id, type(exc).__name__)
         raise ServiceError(503, "store_unavailable", "the artifact store did not return bitmap.json; retry later",
