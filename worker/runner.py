@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from mopeq_core.engine import RunSummary
 
 log = logging.getLogger("mopeq.worker")
-STAGE_ORDER = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export", "push")
+STAGE_ORDER = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export", "upload", "push")
 
 
 class TransientError(Exception):
