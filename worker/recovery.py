@@ -107,6 +107,12 @@ def sweep(ctx: WorkerContext) -> dict[str, int]:
     dead = dead_worker_ids(ctx)
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "published": 0}
     _forget_lost_publishes(ctx)
+    try:
+        from app.services.jobs import expire_finished
+
+        counts["expired"] = expire_finished(ctx.factory, s, now)
+    except Exception as exc:  # noqa: BLE001 - retention is retried by the next sweep
+        log.warning("retention: could not delete expired jobs (%s)", type(exc).__name__)
     cur = getattr(ctx, "current", None)
     with ctx.factory() as db:
         # Another worker's job with a stale heartbeat or a dead worker, or one of our own that we are not running

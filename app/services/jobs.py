@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -258,12 +259,34 @@ def delete_job(factory: sessionmaker[Session], settings: Settings, who: Principa
         if job.status not in TERMINAL:
             raise ServiceError(409, "not_deletable", f"job {job.id} is {job.status}; cancel it and delete it once "
                                                      "it has stopped")
+    purge(factory, settings, job_id)
+
+
+def purge(factory: sessionmaker[Session], settings: Settings, job_id: str) -> int:
+    """Remove a finished job for good: its stored objects or files first (a failure leaves the row, so the delete
+    can be repeated), then its row. Returns how many stored files went."""
     from app.services.storage import get_store
 
     n = get_store(settings).delete_job(job_id)
     with factory() as db, db.begin():
         db.execute(delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL)))
     log.info("job %s deleted with %d stored files", job_id, n)
+    return n
+
+
+def expire_finished(factory: sessionmaker[Session], settings: Settings, now: dt.datetime | None = None,
+                    limit: int = 100) -> int:
+    """Retention (MOPEQ_RETENTION_DAYS > 0): purge up to ``limit`` jobs that finished longer ago, with their stored
+    files. Run by every worker's sweep; two sweeps purging the same job is harmless."""
+    if settings.RETENTION_DAYS <= 0:
+        return 0
+    cutoff = (now or utcnow()) - dt.timedelta(days=settings.RETENTION_DAYS)
+    with factory() as db:
+        ids = list(db.scalars(select(Job.id).where(Job.status.in_(TERMINAL), Job.finished_at < cutoff)
+                              .order_by(Job.finished_at).limit(limit)))
+    for job_id in ids:
+        purge(factory, settings, job_id)
+    return len(ids)
 
 
 def allocations(db: Session, job_id: str) -> list[ExpertAllocation]:

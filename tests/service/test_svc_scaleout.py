@@ -346,6 +346,38 @@ def test_routing_by_memory_and_refusal_naming_the_figure(fleet: Fleet, model_roo
     assert 'mopeq_queue_jobs{queue="gpu-big",status="queued"} 0.0' in metrics
 
 
+def test_retention_deletes_old_jobs_with_their_objects(fleet: Fleet, s3: dict[str, str], pg_url: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from app.core.config import Settings
+    from app.db.models import Job, utcnow
+    from app.db.session import make_engine, make_sessionmaker
+    from app.services.jobs import expire_finished
+
+    (_, api1, _), _ = fleet.apis
+    jobs = httpx.get(f"{api1}/v1/jobs", params={"status": "succeeded"}, headers=auth(), timeout=30).json()["items"]
+    assert jobs
+    old, kept = jobs[0]["id"], [j["id"] for j in jobs[1:]]
+    assert _objects(s3, old) and len(kept) >= 2
+    with Session(fleet.engine) as db, db.begin():
+        db.execute(update(Job).where(Job.id == old).values(finished_at=utcnow() - dt.timedelta(days=3)))
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    factory = make_sessionmaker(make_engine(pg_url))
+    base = {"ARTIFACT_STORE": f"s3://{BUCKET}/{PREFIX}", "HOME": str(fleet.base / "retention")}
+    assert expire_finished(factory, Settings(**base)) == 0  # off by default
+    assert expire_finished(factory, Settings(**base, RETENTION_DAYS=7)) == 0  # not old enough
+    assert _objects(s3, old)
+    assert expire_finished(factory, Settings(**base, RETENTION_DAYS=2)) == 1
+    assert _objects(s3, old) == {} and fleet.artifacts(old) == []
+    assert httpx.get(f"{api1}/v1/jobs/{old}", headers=auth(), timeout=30).status_code == 404
+    for k in kept:
+        assert httpx.get(f"{api1}/v1/jobs/{k}", headers=auth(), timeout=30).status_code == 200
+
+
 def test_delete_removes_rows_and_objects(fleet: Fleet, model_root: Path, s3: dict[str, str]) -> None:
     (_, api1, _), (_, api2, _) = fleet.apis
     jobs = httpx.get(f"{api1}/v1/jobs", params={"status": "succeeded"}, headers=auth(), timeout=30).json()["items"]
