@@ -13,10 +13,10 @@ import os
 import shutil
 from typing import Any, Protocol
 
-from sqlalchemy import and_, false, or_, select, update
+from sqlalchemy import and_, delete, false, or_, select, update
 
 from app.core.celery_conf import enqueue
-from app.db.models import Job, Worker, utcnow
+from app.db.models import Artifact, Job, Worker, utcnow
 from app.services.events import add_event
 from app.services.storage import get_store
 
@@ -90,9 +90,15 @@ def dead_worker_ids(ctx: WorkerContext) -> set[str]:
 
 
 def remove_job_files(ctx: WorkerContext, job_id: str) -> None:
-    """The job's files in this worker's work dir and everything stored for it (a failed or cancelled job has no
-    artifact rows: nothing of it was ever visible)."""
+    """The job's files in this worker's work dir and everything stored for it, after its file artifact rows (a job
+    that failed after recording them, e.g. in its push, lists no file that is gone). Hub pushes stay listed."""
     shutil.rmtree(ctx.settings.work_dir / job_id, ignore_errors=True)
+    try:
+        with ctx.factory() as db, db.begin():
+            db.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "file"))
+    except Exception as exc:  # noqa: BLE001 - the database is down: keep the files the rows point to
+        log.warning("job %s: could not remove its artifact rows (%s); its files stay", job_id, type(exc).__name__)
+        return
     try:
         get_store(ctx.settings).delete_job(job_id)
     except Exception as exc:  # noqa: BLE001 - invisible leftovers; they go with the job (DELETE /v1/jobs/{id})

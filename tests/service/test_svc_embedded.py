@@ -205,6 +205,15 @@ def test_a_failed_push_is_retried(server: Server, hub) -> None:
     assert [a["hub_repo"] for a in arts if a["kind"] == "hub"] == ["tester/retried"]
 
 
+def test_a_refused_push_fails_the_job_and_lists_no_removed_file(server: Server, hub) -> None:
+    hub.fail_next = [403]  # the Hub refuses the repo creation: the job fails after its files were recorded
+    job = server.submit(hf_token=HF_TOKEN, push={"repo_id": "tester/refused", "private": False})
+    done = wait_status(lambda: server.job(job["id"]), ("succeeded", "failed", "cancelled"), timeout=300)
+    assert done["status"] == "failed" and "refused the push" in done["error"], done
+    assert server.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
+    assert not (server.home / ".mopeq" / "artifacts" / job["id"]).exists()
+
+
 def test_shutdown_requeues_a_running_job_which_resumes(server: Server) -> None:
     job = server.submit()
     wait_until(lambda: server.job(job["id"])["stage"] == DELAY_STAGE, 120, f"stage {DELAY_STAGE}")
