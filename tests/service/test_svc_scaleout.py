@@ -243,6 +243,8 @@ def test_submit_to_api1_run_on_a_worker_download_through_api2(fleet: Fleet, mode
     assert r.json()["queue"] == "cpu" and r.json()["est_memory_bytes"] < 2_000_000
     done = wait_status(lambda: _job(api2, job_id), ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    assert done["timings"]["upload"] >= 0 and done["stage"] is None
+    print(f"\nstage seconds of the tiny job: {done['timings']}")
     w_cpu, cpu_home = fleet.workers["w-cpu"]
     w_cpu.wait_for(f"job {job_id}: succeeded", timeout=30)
 
