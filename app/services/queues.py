@@ -59,9 +59,12 @@ def queue_names(settings: Settings) -> list[str]:
 def memory_needed(est: Any, plan: Any) -> int:
     """Device memory a job needs, from metadata only (the engine streams the model one layer at a time):
     the non-expert weights at their stored dtype, the largest MoE layer's experts twice in fp32 (the weights and the
-    quantized or probed copy), the calibration activations and GPTQ Hessians (``plan.memory_bytes``), plus 20%."""
+    quantized or probed copy), the calibration activations (``plan.activation_bytes``) and, for GPTQ, the largest
+    layer's Hessians (one layer's are held at a time; ``plan.hessian_bytes`` counts every layer's), plus 20%."""
     layer = max((la.experts * sum(o * i for o, i in la.shapes) for la in est.layers), default=0) * 4
-    return int((est.non_expert_bytes + 2 * layer + plan.memory_bytes) * HEADROOM)
+    hessians = (max((la.experts * sum(i * i for _o, i in la.shapes) for la in est.layers), default=0) * 4
+                if plan.hessian_bytes else 0)
+    return int((est.non_expert_bytes + 2 * layer + plan.activation_bytes + hessians) * HEADROOM)
 
 
 def pick(settings: Settings, need_bytes: int) -> str:

@@ -429,3 +429,19 @@ def test_queue_classes_parse_pick_and_detect() -> None:
     assert for_device(s, 85_000_000_000) == "gpu-80g" and for_device(s, 25_769_803_776) == "gpu-24g"
     assert for_device(s, 150_000_000_000) == "gpu-141g" and for_device(s, None) == "cpu"
     assert pick(Settings(QUEUE="gpu"), 10**15) == "gpu"  # no classes: one queue, nothing refused here
+
+
+def test_memory_needed_holds_one_layer_of_hessians() -> None:
+    """GPTQ's Hessians are held one layer at a time: the routing figure adds the largest layer's, not the sum the
+    calibration plan reports for the whole model."""
+    from types import SimpleNamespace
+
+    from app.services.queues import memory_needed
+
+    layer = SimpleNamespace(experts=8, shapes=[(14336, 4096), (14336, 4096), (4096, 14336)])  # Mixtral-8x7B
+    est = SimpleNamespace(non_expert_bytes=3_210_000_000, layers=[layer] * 32)
+    rtn = SimpleNamespace(activation_bytes=268_435_456, hessian_bytes=0)
+    gptq = SimpleNamespace(activation_bytes=268_435_456, hessian_bytes=32 * 8 * (2 * 4096**2 + 14336**2) * 4)
+    one_layer = 8 * (2 * 4096**2 + 14336**2) * 4
+    assert memory_needed(est, gptq) - memory_needed(est, rtn) == pytest.approx(one_layer * 1.2, abs=2)
+    assert 17e9 < memory_needed(est, rtn) < 18.5e9 and 26e9 < memory_needed(est, gptq) < 28e9
