@@ -22,6 +22,7 @@ import time
 
 from app.core.config import get_settings
 from app.core.security import install_log_redaction
+from app.services.queues import queue_names
 
 log = logging.getLogger("mopeq.serve")
 
@@ -99,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_worker:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        for i in range(max(1, args.workers)):
-            sup = WorkerSupervisor(i, env)
+        # With MOPEQ_QUEUES, one worker per memory class at least (this host serves every class it is asked to).
+        classes = queue_names(settings) if settings.QUEUES else [settings.QUEUE]
+        for i in range(max(1, args.workers, len(classes))):
+            sup = WorkerSupervisor(i, {**env, "MOPEQ_QUEUE": classes[i % len(classes)]})
             sup.start()
             supervisors.append(sup)
         hooks = WorkerSupervisor(0, env, module="worker.webhooks")  # outgoing webhooks, on their own queue
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(config)
     log.info("MoPEQ API on http://%s:%d (broker %s, artifacts %s)", settings.HOST, settings.PORT,
              "filesystem" if settings.broker_is_filesystem else settings.broker_url.split("@")[-1],
-             settings.artifact_dir)
+             settings.ARTIFACT_STORE or settings.artifact_dir)
     stop_signals: list[int] = []
 
     def _remember(signum: int, _frame: object) -> None:

@@ -132,6 +132,10 @@ class MopeqClient(_Base):
     def cancel(self, job_id: str) -> Job:
         return Job.from_dict(self._json("POST", self._job_path(job_id, "/cancel")))
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job, its rows and its stored files (``DELETE /v1/jobs/{id}``; 409 while it runs)."""
+        self._send("DELETE", self._job_path(job_id))
+
     def bitmap(self, job_id: str) -> Bitmap:
         return self._json("GET", self._job_path(job_id, "/bitmap"))
 
@@ -165,13 +169,31 @@ class MopeqClient(_Base):
         return self._json("GET", self._job_path(job_id, "/webhooks"))
 
     # downloads -----------------------------------------------------------------------------------------------------------
+    def _follow(self, resp: httpx.Response) -> httpx.Response:
+        """The service's redirect to its object store (a presigned URL): fetched without this client's API key,
+        which the store would refuse beside the URL's own signature and must never see."""
+        target = resp.url.join(resp.headers["location"])
+        resp.close()
+        req = httpx.Request("GET", target, headers={"Accept": "*/*"})  # not build_request: no default headers
+        out = self._http.send(req, stream=True)
+        if out.status_code >= 400:
+            out.read()
+            out.close()
+            raise self._api_error(out, "GET", str(target.copy_with(query=None)))
+        return out
+
     def _fetch_once(self, url: str, art: Artifact, folder: Path, verify: bool) -> Path:
-        """Stream one file to a temporary file in ``folder``; return it once its SHA-256 checks out."""
+        """Stream one file to a temporary file in ``folder``; return it once its SHA-256 checks out. A redirect
+        (the service's S3 store) is followed to the presigned URL; the service's checksum header still holds."""
         fd, tmp_name = tempfile.mkstemp(prefix=".mopeq-dl-", suffix=".part", dir=folder)
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
                 resp = self._send("GET", url, stream=True, headers={"Accept": "*/*"})
+                announced = _header_sha256(resp.headers)
+                if resp.is_redirect and "location" in resp.headers:
+                    resp = self._follow(resp)
+                    announced = announced or resp.headers.get("x-amz-meta-sha256")
                 try:
                     h = hashlib.sha256()
                     for chunk in resp.iter_bytes(1 << 20):
@@ -181,7 +203,7 @@ class MopeqClient(_Base):
                     resp.close()
                 out.flush()
                 os.fsync(out.fileno())
-            self._check_sha(art.name, h.hexdigest(), _header_sha256(resp.headers), art.sha256, verify)
+            self._check_sha(art.name, h.hexdigest(), announced, art.sha256, verify)
             return tmp
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -312,6 +312,18 @@ def cancel(job_id: Annotated[str, typer.Argument(metavar="ID")], as_json: AsJson
 
 
 @app.command()
+def delete(job_id: Annotated[str, typer.Argument(metavar="ID")], as_json: AsJson = False, url: Url = None,
+           api_key: ApiKey = None) -> None:
+    """Delete a finished job with its stored artifact files (refused while it is queued or running)."""
+    with _errors(as_json), _client(url, api_key) as client:
+        client.delete(job_id)
+        if as_json:
+            _out({"id": job_id, "deleted": True})
+        else:
+            err.print(f"deleted job {job_id} and its files")
+
+
+@app.command()
 def bitmap(job_id: Annotated[str, typer.Argument(metavar="ID")],
            as_csv: Annotated[bool, typer.Option("--csv", help="One CSV row per expert")] = False,
            as_json: AsJson = False, url: Url = None, api_key: ApiKey = None) -> None:

@@ -13,11 +13,12 @@ import os
 import shutil
 from typing import Any, Protocol
 
-from sqlalchemy import and_, false, or_, select, update
+from sqlalchemy import and_, delete, false, or_, select, update
 
 from app.core.celery_conf import enqueue
-from app.db.models import Job, Worker, utcnow
+from app.db.models import Artifact, Job, Worker, utcnow
 from app.services.events import add_event
+from app.services.storage import get_store
 
 
 class WorkerContext(Protocol):
@@ -89,8 +90,19 @@ def dead_worker_ids(ctx: WorkerContext) -> set[str]:
 
 
 def remove_job_files(ctx: WorkerContext, job_id: str) -> None:
-    for path in (ctx.settings.artifact_dir / job_id, ctx.settings.work_dir / job_id):
-        shutil.rmtree(path, ignore_errors=True)
+    """The job's files in this worker's work dir and everything stored for it, after its file artifact rows (a job
+    that failed after recording them, e.g. in its push, lists no file that is gone). Hub pushes stay listed."""
+    shutil.rmtree(ctx.settings.work_dir / job_id, ignore_errors=True)
+    try:
+        with ctx.factory() as db, db.begin():
+            db.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "file"))
+    except Exception as exc:  # noqa: BLE001 - the database is down: keep the files the rows point to
+        log.warning("job %s: could not remove its artifact rows (%s); its files stay", job_id, type(exc).__name__)
+        return
+    try:
+        get_store(ctx.settings).delete_job(job_id)
+    except Exception as exc:  # noqa: BLE001 - invisible leftovers; they go with the job (DELETE /v1/jobs/{id})
+        log.warning("job %s: could not remove its stored files (%s)", job_id, type(exc).__name__)
 
 
 def sweep(ctx: WorkerContext) -> dict[str, int]:
@@ -101,6 +113,12 @@ def sweep(ctx: WorkerContext) -> dict[str, int]:
     dead = dead_worker_ids(ctx)
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "published": 0}
     _forget_lost_publishes(ctx)
+    try:
+        from app.services.jobs import expire_finished
+
+        counts["expired"] = expire_finished(ctx.factory, s, now)
+    except Exception as exc:  # noqa: BLE001 - retention is retried by the next sweep
+        log.warning("retention: could not delete expired jobs (%s)", type(exc).__name__)
     cur = getattr(ctx, "current", None)
     with ctx.factory() as db:
         # Another worker's job with a stale heartbeat or a dead worker, or one of our own that we are not running
@@ -187,7 +205,9 @@ def _forget_lost_publishes(ctx: WorkerContext) -> None:
 
 def _publish(ctx: WorkerContext, job_id: str) -> bool:
     try:
-        enqueue(ctx.celery, ctx.settings, job_id)  # type: ignore[arg-type]
+        with ctx.factory() as db:
+            queue = db.scalar(select(Job.queue).where(Job.id == job_id))
+        enqueue(ctx.celery, ctx.settings, job_id, queue)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - retried by the next sweep (enqueued_at stays NULL)
         log.warning("could not publish job %s: %s", job_id, type(exc).__name__)
         return False

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import errno
 import gc
-import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -24,6 +22,7 @@ from app.db.models import Artifact, ExpertAllocation, Job, utcnow
 from app.services import tenant_files
 from app.services.errors import error_code
 from app.services.events import add_event
+from app.services.storage import StoredFile, get_store, tree_bytes
 from mopeq_core.errors import CancelledError, UserInputError
 from worker.context import Current, WorkerContext
 from worker.recovery import claim, remove_job_files
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
     from mopeq_core.engine import RunSummary
 
 log = logging.getLogger("mopeq.worker")
-STAGE_ORDER = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export", "push")
+STAGE_ORDER = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export", "upload", "push")
 
 
 class TransientError(Exception):
@@ -57,15 +56,26 @@ def _is_transient(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
+    try:  # the object store: connection trouble, throttling and its 5xx answers pass
+        from botocore.exceptions import ClientError, ReadTimeoutError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
+            return True
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {}) or {}
+            status = int((exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+            return status >= 500 or err.get("Code") in ("SlowDown", "RequestTimeout", "Throttling")
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from boto3.exceptions import S3UploadFailedError
+
+        if isinstance(exc, S3UploadFailedError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
     return isinstance(exc, (ConnectionError, TimeoutError))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _parse_delays(spec: str) -> dict[str, tuple[float, bool]]:
@@ -80,17 +90,6 @@ def _parse_delays(spec: str) -> dict[str, tuple[float, bool]]:
             except ValueError:
                 pass
     return out
-
-
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 class JobRun:
@@ -108,7 +107,11 @@ class JobRun:
         self.timed_out = False
         self.started = time.monotonic()
         self.delays = _parse_delays(self.s.DEBUG_STAGE_DELAY)
-        self.out_dir = self.s.artifact_dir / job_id
+        self.store = get_store(self.s)
+        self.attempt = 1
+        # local store: the engine writes into the shared artifact directory; S3: into this worker's own work dir,
+        # and the files reach the API only through the bucket (uploaded by _record_results)
+        self.out_dir = self.store.output_dir(job_id)
         self.state_dir = self.s.work_dir / job_id / "state"
         self.model_view = self.s.work_dir / job_id / "model"
 
@@ -211,6 +214,7 @@ class JobRun:
             db.expunge(job)
         self.timings = dict(job.timings or {})
         self.stage = job.stage
+        self.attempt = job.attempts
         resumed = job.attempts > 1
         try:
             self._update({"kind": "status", "status": "running", "stage": job.stage,
@@ -374,7 +378,7 @@ class JobRun:
                                  f"(estimate + MOPEQ_MIN_FREE_DISK_GB), have {have_out / 1e9:.2f} GB")
         quota = self.s.ARTIFACT_MAX_BYTES
         if quota > 0:
-            used = _tree_bytes(self.s.artifact_dir) - _tree_bytes(self.out_dir)
+            used = self.store.used_bytes(exclude_job=self.job_id)
             need = int((job.est_output_bytes or 0) * 1.2)
             if used + need > quota:
                 raise DiskSpaceError(f"the artifact store is full: {used} of MOPEQ_ARTIFACT_MAX_BYTES={quota} bytes "
@@ -395,7 +399,8 @@ class JobRun:
         quota = self.s.ARTIFACT_MAX_BYTES
         if quota <= 0:
             return
-        used, mine = _tree_bytes(self.s.artifact_dir), _tree_bytes(self.out_dir)
+        mine = tree_bytes(self.out_dir)
+        used = self.store.used_bytes(exclude_job=self.job_id) + mine
         if used > quota:
             raise DiskSpaceError(f"the artifact store is full: {used} bytes used (this job's output: {mine}) > "
                                  f"MOPEQ_ARTIFACT_MAX_BYTES={quota}; the job's files were removed")
@@ -430,9 +435,9 @@ class JobRun:
                                              expert=int(e["expert"]), bits=int(e["bits"]),
                                              sensitivity=e["sensitivity"], frequency=e["frequency"],
                                              params=e["params"]))
-        files = sorted(p for p in self.out_dir.rglob("*") if p.is_file() and not p.is_symlink())
-        arts = [Artifact(job_id=self.job_id, kind="file", name=p.relative_to(self.out_dir).as_posix(),
-                         uri=p.resolve().as_uri(), sha256=_sha256(p), bytes=p.stat().st_size) for p in files]
+        stored = self._upload()
+        arts = [Artifact(job_id=self.job_id, kind="file", name=f.name, uri=f.uri, sha256=f.sha256, bytes=f.bytes)
+                for f in stored]
         summary = {"avg_bits": result.avg_bits, "expert_bytes": int(bitmap["expert_bytes"]),
                    "total_bytes": result.total_bytes, "selected_sensitivity": result.selected_sensitivity,
                    "perplexity": result.perplexity, "coverage": report["calibration"],
@@ -451,6 +456,37 @@ class JobRun:
             db.add_all(arts)
             add_event(db, self.job_id, "log", stage=self.stage,
                       message=f"recorded {len(rows)} expert allocations and {len(arts)} artifact files")
+        try:  # objects of earlier attempts (a worker killed mid-upload) were never listed; now they go
+            pruned = self.store.prune(self.job_id, stored)
+            if pruned:
+                log.info("job %s: removed %d stored objects of earlier attempts", self.job_id, pruned)
+        except Exception as exc:  # noqa: BLE001 - leftovers are invisible and go with the job
+            log.warning("job %s: could not prune earlier attempts' objects (%s)", self.job_id, type(exc).__name__)
+
+    def _upload(self) -> list[StoredFile]:
+        """Every output file into the store (S3: uploaded, multipart when large, SHA-256 in its metadata) before
+        any artifact row exists: a job killed here leaves nothing a client can list or download, and its retry
+        uploads again under its own attempt's prefix."""
+        if self.store.kind == "local":
+            return self.store.publish(self.job_id, self.attempt, self.out_dir)
+        self._close_stage()
+        self.stage, self.stage_started = "upload", time.monotonic()
+        self._update({"kind": "stage", "stage": "upload", "progress": 0.95,
+                      "message": f"uploading the artifact files to the {self.store.kind} store"},
+                     stage="upload", progress=0.95)
+        self._raise_if_stopping()
+
+        def after(name: str, done: int, total: int) -> None:
+            self._update({"kind": "progress", "stage": "upload", "progress": 0.95 + 0.02 * done / max(total, 1),
+                          "message": f"uploaded {done}/{total} files ({name})"},
+                         progress=0.95 + 0.02 * done / max(total, 1))
+            if done == 1:
+                self._debug_delay("upload")  # fault injection: pause with one file stored and the rest not
+            self._raise_if_stopping()
+
+        stored = self.store.publish(self.job_id, self.attempt, self.out_dir, on_file=after)
+        self._close_stage()
+        return stored
 
     def _push(self, job: Job) -> None:
         with self.ctx.factory() as db:

@@ -58,7 +58,8 @@ def make_celery(settings: Settings, main: str = "mopeq") -> Celery:
     return app
 
 
-def enqueue(celery: Celery, settings: Settings, job_id: str) -> None:
-    celery.send_task(TASK_NAME, args=[job_id], queue=settings.QUEUE, retry=True,
+def enqueue(celery: Celery, settings: Settings, job_id: str, queue: str | None = None) -> None:
+    """Publish the job to ``queue`` (the one it was routed to at submit, ``jobs.queue``), else MOPEQ_QUEUE."""
+    celery.send_task(TASK_NAME, args=[job_id], queue=queue or settings.QUEUE, retry=True,
                      retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
                                    "interval_max": 1.0})

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     DATABASE_URL: str | None = None  # default sqlite:///{HOME}/mopeq.db
     BROKER_URL: str | None = None  # default: kombu filesystem transport under {HOME}/broker
     ARTIFACT_DIR: Path | None = None  # default {HOME}/artifacts
+    # Artifact store: unset = the local ARTIFACT_DIR; "s3://BUCKET/PREFIX" = S3-compatible object storage configured
+    # by the standard AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION (app.services.storage)
+    ARTIFACT_STORE: str = ""
+    S3_MULTIPART_THRESHOLD_MB: int = 64  # files from this size are uploaded in parts (boto3 TransferConfig)
+    S3_MULTIPART_CHUNK_MB: int = 64
+    S3_PRESIGN_EXPIRES_S: int = 900  # lifetime of the presigned download URLs the API redirects to
+    S3_PUBLIC_ENDPOINT_URL: str = ""  # presign with this endpoint when clients reach the store at another address
     WORK_DIR: Path | None = None  # per-job stage files; default {HOME}/work
     # Directories from which local model paths (and calibration/eval files) are allowed.
     MODEL_ROOTS: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["models"])
@@ -66,8 +73,13 @@ class Settings(BaseSettings):
     SSE_MIN_POLL_S: float = 0.25
     SSE_MAX_STREAMS_PER_KEY: int = 8
 
+    # Queues by GPU memory: "name:GB,..." (e.g. "cpu:16,gpu-24g:24,gpu-80g:80,gpu-141g:141"). At submit a job goes to
+    # the smallest queue whose GB covers its estimated memory (app.services.queues); one that fits none is refused.
+    # Unset: every job goes to QUEUE.
+    QUEUES: str = ""
+
     # Worker
-    QUEUE: str = "gpu"
+    QUEUE: str = "gpu"  # the queue this worker serves (python -m worker --queue NAME); "auto": from its GPU memory
     JOB_TIMEOUT_S: int = 6 * 3600
     HEARTBEAT_INTERVAL_S: float = 5.0
     HEARTBEAT_STALE_S: float = 60.0  # a running job whose heartbeat is older than this is orphaned
@@ -76,6 +88,7 @@ class Settings(BaseSettings):
     TRANSIENT_RETRIES: int = 5
     WORKER_DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
     MIN_FREE_DISK_GB: float = 1.0
+    RETENTION_DAYS: float = 0.0  # finished jobs older than this are deleted with their files by the sweep; 0 = kept
     ARTIFACT_MAX_BYTES: int = 0  # artifact store quota (bytes, all jobs together); 0 = only the disk's free space
     WATCHDOG_GRACE_S: float = 0.0  # stuck past JOB_TIMEOUT_S + this: fail the job, restart; 0 = max(60, 10%)
     REDIS_KEY_PREFIX: str = ""  # kombu global_keyprefix, to share one Redis between deployments
@@ -97,6 +110,24 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, v: object) -> list[str]:
         return _split_list(v)
+
+    @field_validator("ARTIFACT_STORE")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        v = (v or "").strip()
+        if v in ("", "local"):
+            return ""
+        if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?", v):
+            raise ValueError(f"MOPEQ_ARTIFACT_STORE must be empty, 'local' or s3://BUCKET/PREFIX, not {v!r}")
+        return v
+
+    @field_validator("QUEUES")
+    @classmethod
+    def _queues(cls, v: str) -> str:
+        from app.services.queues import parse_queues
+
+        parse_queues(v)  # raises on a malformed list
+        return v
 
     # ---- derived values -------------------------------------------------------------------------------------------
     @property
@@ -122,6 +153,10 @@ class Settings(BaseSettings):
     @property
     def artifact_dir(self) -> Path:
         return (self.ARTIFACT_DIR or self.home / "artifacts").expanduser().absolute()
+
+    @property
+    def artifact_store_is_s3(self) -> bool:
+        return self.ARTIFACT_STORE.strip().lower().startswith("s3://")
 
     @property
     def work_dir(self) -> Path:
@@ -156,7 +191,8 @@ class Settings(BaseSettings):
 
     def ensure_dirs(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        if not self.artifact_store_is_s3:
+            self.artifact_dir.mkdir(parents=True, exist_ok=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.broker_is_filesystem:
             for sub in ("queue", "control", "processed"):

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from app.db.models import JOB_STATUSES, Job
+from app.services.queues import queue_names
 
 log = logging.getLogger("mopeq.api")
 
@@ -25,10 +26,18 @@ class _DbCollector(Collector):
         jobs = GaugeMetricFamily("mopeq_jobs", "Jobs by status", labels=["status"])
         stages = SummaryMetricFamily("mopeq_stage_duration_seconds", "Duration of finished stages (last 1000 jobs)",
                                      labels=["stage"])
-        depth = GaugeMetricFamily("mopeq_queue_depth", "Messages waiting in the broker queue", labels=["queue"])
+        depth = GaugeMetricFamily("mopeq_queue_depth", "Messages waiting in the broker queue (one series per "
+                                  "queue of MOPEQ_QUEUES): what autoscalers of each worker class act on",
+                                  labels=["queue"])
+        per_queue = GaugeMetricFamily("mopeq_queue_jobs", "Queued and running jobs per queue (from the database)",
+                                      labels=["queue", "status"])
+        settings = self.state.settings
+        names = queue_names(settings)
         try:
             with self.state.sessionmaker() as db:
                 counts = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+                active = db.execute(select(Job.queue, Job.status, func.count())
+                                    .where(Job.status.in_(("queued", "running"))).group_by(Job.queue, Job.status)).all()
                 timings = db.scalars(select(Job.timings).where(Job.finished_at.is_not(None))
                                      .order_by(Job.finished_at.desc()).limit(1000)).all()
             for s in JOB_STATUSES:
@@ -42,28 +51,35 @@ class _DbCollector(Collector):
                         a[1] += float(secs)
             for stage, (n, total) in sorted(agg.items()):
                 stages.add_metric([stage], count_value=n, sum_value=total)
+            by_queue = {(q or settings.QUEUE, s): float(n) for q, s, n in active}
+            for q in sorted(set(names) | {q for q, _ in by_queue}):
+                for s in ("queued", "running"):
+                    per_queue.add_metric([q, s], by_queue.get((q, s), 0.0))
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the database hiccups
             log.warning("metrics: database unavailable (%s)", type(exc).__name__)
-        settings = self.state.settings
-        try:
-            depth.add_metric([settings.QUEUE], float(queue_depth(self.state)))
-        except Exception as exc:  # noqa: BLE001
-            log.debug("metrics: broker unavailable (%s)", type(exc).__name__)
+        for name in names:
+            try:
+                depth.add_metric([name], float(queue_depth(self.state, name)))
+            except Exception as exc:  # noqa: BLE001
+                log.debug("metrics: broker unavailable (%s)", type(exc).__name__)
+                break
         yield jobs
         yield stages
         yield depth
+        yield per_queue
 
 
-def queue_depth(state: Any) -> int:
+def queue_depth(state: Any, queue: str | None = None) -> int:
     settings = state.settings
+    queue = queue or settings.QUEUE
     if settings.broker_is_filesystem:
-        suffix = f".{settings.QUEUE}.msg"
+        suffix = f".{queue}.msg"
         return sum(1 for p in (settings.broker_dir / "queue").iterdir() if p.name.endswith(suffix))
     with state.celery.connection_for_read() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
         with conn.channel() as ch:
             try:
-                return ch.queue_declare(queue=settings.QUEUE, passive=True).message_count
+                return ch.queue_declare(queue=queue, passive=True).message_count
             except Exception as exc:
                 if "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower():
                     return 0

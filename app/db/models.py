@@ -129,6 +129,8 @@ class Job(Base):
     # sizing known at submit (from the estimate)
     est_download_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     est_output_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    est_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # device memory (queues)
+    queue: Mapped[str | None] = mapped_column(String(64), nullable=True)  # Celery queue; NULL = MOPEQ_QUEUE
 
     # execution
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

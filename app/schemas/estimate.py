@@ -59,5 +59,10 @@ class EstimateOut(BaseModel):
                                                                  "(activation_bytes, hessian_bytes, memory_bytes)")
     engines: dict[str, Any] | None = Field(None, description="Per serving engine (format): the granularities it "
                                                               "runs and the widths it can store for this model")
+    memory_bytes: int | None = Field(None, description="Device memory a job with these settings needs (the "
+                                                       "queue routing figure, app.services.queues)")
+    queue: str | None = Field(None, description="The queue such a job goes to (MOPEQ_QUEUES); null with "
+                                                "queue_message when it fits none")
+    queue_message: str | None = None
     budget_feasible: bool | None = None
     budget_message: str | None = None

@@ -135,6 +135,9 @@ class JobOut(BaseModel):
     push: PushOut | None
     cancel_requested: bool
     attempts: int
+    queue: str | None = Field(None, description="The worker queue the job was routed to by the device memory it "
+                                                "needs (MOPEQ_QUEUES); null: the deployment's one queue")
+    est_memory_bytes: int | None = Field(None, description="Device memory the submit-time estimate says it needs")
     error: str | None
     error_code: str | None
     timings: dict[str, float]

@@ -21,6 +21,7 @@ def job_out(job: Job) -> JobOut:
         if job.eval_file or (job.options or {}).get("eval_suites") else None,
         format=job.format, trust_remote_code=job.trust_remote_code,
         push=PushOut(repo_id=job.push_repo_id, private=job.push_private) if job.push_requested else None,
-        cancel_requested=job.cancel_requested, attempts=job.attempts, error=job.error, error_code=job.error_code,
+        cancel_requested=job.cancel_requested, attempts=job.attempts, queue=job.queue,
+        est_memory_bytes=job.est_memory_bytes, error=job.error, error_code=job.error_code,
         timings=dict(job.timings or {}), result=job.result, created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,7 +19,7 @@ from app.core.security import Keyring
 from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, JobWebhook, utcnow
 from app.schemas.estimate import EstimateIn
 from app.schemas.jobs import JobCreate
-from app.services import limits, tenant_files
+from app.services import limits, queues, tenant_files
 from app.services import models as model_svc
 from app.services.errors import ServiceError, from_user_error, not_found
 from app.services.events import add_event
@@ -108,6 +109,7 @@ class Created:
     job_id: str
     replayed: bool
     enqueue: bool
+    queue: str | None = None
 
 
 def _replay(rec: IdempotencyRecord, rhash: str) -> Created:
@@ -157,6 +159,8 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         raise from_user_error(exc) from exc
     plan = calibration_plan(body, ck.config, est.layers, settings)
     limits.check_output_size(settings, est.max_bytes)
+    need = queues.memory_needed(est, plan)
+    queue = queues.pick(settings, need)
 
     job = Job(
         owner_key_id=who.key_id, status="queued", progress=0.0, model=body.model, model_source=ref.source,
@@ -175,7 +179,7 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         push_private=body.push.private if body.push else False,
         hf_token_enc=keyring.encrypt(token) if token else None,
         est_download_bytes=est.stored_bytes if ref.source == "hub" else 0, est_output_bytes=est.max_bytes,
-        timings={})
+        est_memory_bytes=need, queue=queue, timings={})
     try:
         with factory() as db, db.begin():
             limits.admit(db, who.key_id, who.max_concurrent_jobs)  # first: it takes the key's lock
@@ -198,7 +202,13 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
             if rec is None:
                 raise
             return _replay(rec, rhash)
-    return Created(202, out, job.id, replayed=False, enqueue=True)
+    return Created(202, out, job.id, replayed=False, enqueue=True, queue=queue)
+
+
+def queue_of(factory: sessionmaker[Session], job_id: str) -> str | None:
+    """The queue the job was routed to at submit (None: the deployment's default)."""
+    with factory() as db:
+        return db.scalar(select(Job.queue).where(Job.id == job_id))
 
 
 def get_owned(db: Session, who: Principal, job_id: str) -> Job:
@@ -239,6 +249,44 @@ def cancel_job(factory: sessionmaker[Session], who: Principal, job_id: str) -> J
             add_event(db, job.id, "log", message="cancel requested; the worker stops at its next check")
     with factory() as db:
         return get_owned(db, who, job_id)
+
+
+def delete_job(factory: sessionmaker[Session], settings: Settings, who: Principal, job_id: str) -> None:
+    """Delete a finished job: its stored files (objects first), then its row (events, allocations, artifacts,
+    webhooks and idempotency records cascade)."""
+    with factory() as db:
+        job = get_owned(db, who, job_id)
+        if job.status not in TERMINAL:
+            raise ServiceError(409, "not_deletable", f"job {job.id} is {job.status}; cancel it and delete it once "
+                                                     "it has stopped")
+    purge(factory, settings, job_id)
+
+
+def purge(factory: sessionmaker[Session], settings: Settings, job_id: str) -> int:
+    """Remove a finished job for good: its stored objects or files first (a failure leaves the row, so the delete
+    can be repeated), then its row. Returns how many stored files went."""
+    from app.services.storage import get_store
+
+    n = get_store(settings).delete_job(job_id)
+    with factory() as db, db.begin():
+        db.execute(delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL)))
+    log.info("job %s deleted with %d stored files", job_id, n)
+    return n
+
+
+def expire_finished(factory: sessionmaker[Session], settings: Settings, now: dt.datetime | None = None,
+                    limit: int = 100) -> int:
+    """Retention (MOPEQ_RETENTION_DAYS > 0): purge up to ``limit`` jobs that finished longer ago, with their stored
+    files. Run by every worker's sweep; two sweeps purging the same job is harmless."""
+    if settings.RETENTION_DAYS <= 0:
+        return 0
+    cutoff = (now or utcnow()) - dt.timedelta(days=settings.RETENTION_DAYS)
+    with factory() as db:
+        ids = list(db.scalars(select(Job.id).where(Job.status.in_(TERMINAL), Job.finished_at < cutoff)
+                              .order_by(Job.finished_at).limit(limit)))
+    for job_id in ids:
+        purge(factory, settings, job_id)
+    return len(ids)
 
 
 def allocations(db: Session, job_id: str) -> list[ExpertAllocation]:

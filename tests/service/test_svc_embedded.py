@@ -137,6 +137,19 @@ def test_submit_follow_and_download(server: Server) -> None:
     assert [int(e["id"]) for e in tail if "id" in e] == ids[5:]
 
 
+def test_delete_a_finished_job_removes_its_local_files(server: Server) -> None:
+    jobs = server.get("/v1/jobs?status=succeeded").json()["items"]
+    assert jobs
+    job_id = jobs[-1]["id"]
+    art_dir = server.home / ".mopeq" / "artifacts" / job_id
+    assert (art_dir / "bitmap.json").is_file()
+    r = server.c.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 204, r.text
+    assert not art_dir.exists()
+    assert server.c.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert server.c.delete(f"/v1/jobs/{job_id}").status_code == 404
+
+
 def test_cancel_mid_run_cleans_files(server: Server) -> None:
     job = server.submit()
     wait_until(lambda: server.job(job["id"])["stage"] == DELAY_STAGE, 120, f"stage {DELAY_STAGE}")
@@ -190,6 +203,15 @@ def test_a_failed_push_is_retried(server: Server, hub) -> None:
     assert sum("transient error" in (m or "") for m in msgs) == 2, msgs
     arts = server.get(f"/v1/jobs/{job['id']}/artifacts").json()
     assert [a["hub_repo"] for a in arts if a["kind"] == "hub"] == ["tester/retried"]
+
+
+def test_a_refused_push_fails_the_job_and_lists_no_removed_file(server: Server, hub) -> None:
+    hub.fail_next = [403]  # the Hub refuses the repo creation: the job fails after its files were recorded
+    job = server.submit(hf_token=HF_TOKEN, push={"repo_id": "tester/refused", "private": False})
+    done = wait_status(lambda: server.job(job["id"]), ("succeeded", "failed", "cancelled"), timeout=300)
+    assert done["status"] == "failed" and "refused the push" in done["error"], done
+    assert server.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
+    assert not (server.home / ".mopeq" / "artifacts" / job["id"]).exists()
 
 
 def test_shutdown_requeues_a_running_job_which_resumes(server: Server) -> None:

@@ -9,6 +9,8 @@ from app.schemas.common import error_responses
 from app.schemas.estimate import EstimateIn, EstimateOut
 from app.services import jobs as job_svc
 from app.services import models as model_svc
+from app.services import queues
+from app.services.errors import ServiceError
 from mopeq_core.errors import UserInputError
 
 router = APIRouter(tags=["estimate"])
@@ -24,6 +26,11 @@ def estimate(body: EstimateIn, who: CurrentPrincipal, settings: SettingsDep) -> 
     est = model_svc.estimate(ck, bits=body.bits, group_size=body.group_size, symmetric=body.symmetric)
     plan = job_svc.calibration_plan(body, ck.config, est.layers, settings)
     out = EstimateOut.model_validate({**est.to_dict(), "calibration": plan.to_dict()})
+    out.memory_bytes = queues.memory_needed(est, plan)
+    try:
+        out.queue = queues.pick(settings, out.memory_bytes)
+    except ServiceError as exc:
+        out.queue_message = exc.detail
     if body.budget is not None:
         try:
             est.check_budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb)

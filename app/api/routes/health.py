@@ -9,6 +9,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.services.storage import get_store
+
 log = logging.getLogger("mopeq.api")
 router = APIRouter(tags=["health"])
 
@@ -32,8 +34,8 @@ def check_broker(request: Request) -> None:
         conn.release()
 
 
-@router.get("/readyz", summary="Readiness: database and broker reachable",
-            responses={503: {"description": "The database or the broker is unreachable"}})
+@router.get("/readyz", summary="Readiness: database, broker (and an S3 artifact store) reachable",
+            responses={503: {"description": "The database, the broker or the S3 store is unreachable"}})
 def readyz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
@@ -47,6 +49,13 @@ def readyz(request: Request) -> JSONResponse:
         checks["broker"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["broker"] = f"error: {type(exc).__name__}"
+    settings = request.app.state.settings
+    if settings.artifact_store_is_s3:  # the local store is checked by the disk checks of the workers
+        try:
+            get_store(settings).check()
+            checks["store"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["store"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 

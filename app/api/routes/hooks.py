@@ -57,7 +57,7 @@ def hub_hook(request: Request, raw: Annotated[bytes, Depends(raw_body)], factory
     res = svc.handle_hub_event(factory, settings, keyring, payload)
     for job_id in res.publish:
         try:
-            enqueue(request.app.state.celery, settings, job_id)
+            enqueue(request.app.state.celery, settings, job_id, job_svc.queue_of(factory, job_id))
             svc.mark_published(factory, job_id)
         except Exception as exc:  # noqa: BLE001 - the worker sweep publishes jobs that were never enqueued
             log.warning("could not publish job %s to the broker (%s); a worker will pick it up when the broker is "

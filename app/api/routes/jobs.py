@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
 
@@ -23,6 +23,7 @@ from app.schemas.jobs import AllocationOut, ArtifactOut, JobCreate, JobEventOut,
 from app.services import jobs as svc
 from app.services.errors import ServiceError
 from app.services.events import events_after
+from app.services.storage import get_store
 from app.services.streams import StreamSlots
 
 log = logging.getLogger("mopeq.api")
@@ -45,7 +46,7 @@ def submit_job(request: Request, body: JobCreate, who: CurrentPrincipal, factory
         headers["Idempotent-Replayed"] = "true"
     if created.enqueue:
         try:
-            enqueue(request.app.state.celery, settings, created.job_id)
+            enqueue(request.app.state.celery, settings, created.job_id, created.queue)
             with factory() as db, db.begin():
                 job = db.get(Job, created.job_id)
                 if job is not None:
@@ -155,18 +156,31 @@ async def job_events(request: Request, job: OwnedJob, who: CurrentPrincipal, fac
             await anyio.sleep(poll)
 
 
-def _artifact_dir(settings: SettingsDep, job: Job) -> Path:
-    return settings.artifact_dir / job.id
+@router.delete("/{job_id}", status_code=204, responses=error_responses(*AUTH_ERRORS, 404, 409),
+               summary="Delete a finished job: its rows and its stored artifact files",
+               description="The owner's key or an admin key. Refused (409) while the job is queued or running: "
+                           "cancel it first. The store's objects go first, then the rows, so a failure half-way "
+                           "leaves the job listed and the DELETE can be repeated.")
+def delete_job(job_id: str, who: CurrentPrincipal, factory: Factory, settings: SettingsDep) -> Response:
+    svc.delete_job(factory, settings, who, job_id)
+    return Response(status_code=204)
 
 
 @router.get("/{job_id}/bitmap", responses=error_responses(*AUTH_ERRORS, 404, 409),
             summary="The job's bitmap.json (per-expert bit widths, sensitivities, frequencies)")
-def get_bitmap(job: OwnedJob, settings: SettingsDep) -> JSONResponse:
-    path = _artifact_dir(settings, job) / "bitmap.json"
-    if job.status != "succeeded" or not path.is_file():
+def get_bitmap(job: OwnedJob, db: DB, settings: SettingsDep) -> JSONResponse:
+    row = db.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == "file",
+                                           Artifact.name == "bitmap.json"))
+    if job.status != "succeeded" or row is None:
         raise ServiceError(409, "not_ready", f"the bit map is available once the job has succeeded (it is "
                                              f"{job.status})")
-    return JSONResponse(json.loads(path.read_text()))
+    try:
+        raw = get_store(settings).read_bytes(job.id, row.name, row.uri)
+    except Exception as exc:  # noqa: BLE001 - missing file or object, store unreachable
+        log.warning("job %s: bitmap.json unreadable from the store (%s)", job.id, type(exc).__name__)
+        raise ServiceError(503, "store_unavailable", "the artifact store did not return bitmap.json; retry later",
+                           headers={"Retry-After": "5"}) from None
+    return JSONResponse(json.loads(raw))
 
 
 @router.get("/{job_id}/allocations", response_model=list[AllocationOut],
@@ -190,19 +204,26 @@ def list_artifacts(job: OwnedJob, db: DB) -> list[ArtifactOut]:
 
 @router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse,
             responses={**error_responses(*AUTH_ERRORS, 404),
-                       200: {"description": "The file; `X-Checksum-SHA256` and `Repr-Digest` carry its SHA-256"}},
-            summary="Download one artifact file")
-def download_artifact(name: str, job: OwnedJob, db: DB, settings: SettingsDep) -> FileResponse:
+                       200: {"description": "The file (local store); `X-Checksum-SHA256` and `Repr-Digest` carry "
+                                            "its SHA-256"},
+                       307: {"description": "S3 store: `Location` is a presigned URL of the object (valid "
+                                            "MOPEQ_S3_PRESIGN_EXPIRES_S); `X-Checksum-SHA256` carries its SHA-256. "
+                                            "Follow it without this API's Authorization header."}},
+            summary="Download one artifact file (a redirect to the object store when it is S3)")
+def download_artifact(name: str, job: OwnedJob, db: DB, settings: SettingsDep) -> Response:
     row = db.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == "file",
                                            Artifact.name == name))
     if row is None:
         raise ServiceError(404, "not_found", f"job {job.id} has no artifact named '{name}'")
-    base = _artifact_dir(settings, job).resolve()
-    path = (base / row.name).resolve()
-    if not path.is_relative_to(base) or not path.is_file():
-        raise ServiceError(404, "not_found", f"artifact '{name}' is missing from the store")
     headers: dict[str, Any] = {}
     if row.sha256:
         b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
         headers = {"X-Checksum-SHA256": row.sha256, "Repr-Digest": f"sha-256=:{b64}:", "ETag": f'"{row.sha256}"'}
+    store = get_store(settings)
+    if store.kind != "local":
+        url = store.presigned_url(row.uri, Path(row.name).name)
+        return RedirectResponse(url, status_code=307, headers={**headers, "Cache-Control": "no-store"})
+    path = store.local_path(job.id, row.name)
+    if path is None:
+        raise ServiceError(404, "not_found", f"artifact '{name}' is missing from the store")
     return FileResponse(path, filename=Path(row.name).name, headers=headers)
