@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -404,9 +406,17 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
     the hidden states (J·v, by the double-vjp identity Ju = ∂/∂w ⟨Jᵀw, u⟩), one backward stream carries the
     gradient and its tangent (forward-over-reverse: the Hessian-vector product of each layer's local function),
     recomputing one layer at a time."""
+    import tempfile
+
+    from .streaming import DEFAULT_SPILL_BYTES, ActivationStore
+
     ctx, stream = sl.ctx, sl.stream
     seed = ctx.seed
-    tangents: dict = {}  # (layer input index, key, probe) -> tangent of that layer's input (absent: zero)
+    # (layer input index, key, probe) -> tangent of that layer's input (absent: zero); spilled to disk past the
+    # activation budget, like every carried activation
+    held = sl.inputs if isinstance(sl.inputs, ActivationStore) else None
+    spill_dir = Path(tempfile.mkdtemp(prefix="mopeq-tangents-", dir=held.dir.parent if held else None))
+    tangents = ActivationStore(spill_dir, held.spill_bytes if held else DEFAULT_SPILL_BYTES)
     # -- forward: tangents of every layer's input
     stream.count_pass("sensitivity-forward")
     for i in range(sl.n - 1):
@@ -415,13 +425,13 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
                 return lp.vectors(seed, probes[j])
             for key, batch in sl.batches:
                 sl.check()
-                ins = [tangents.get((i, key, k)) for k in probes]
+                ins = [tangents.maybe((i, key, k), stream.device) for k in probes]
                 if not lp.params and all(t is None for t in ins):
                     continue
                 outs = _tangents_through_layer(stream, layer, i, lp, sl.inputs.get((i, key), stream.device),
                                                stream.embed(key, batch), ins, vectors)
                 for k, t in zip(probes, outs):
-                    tangents[(i + 1, key, k)] = t
+                    tangents.put((i + 1, key, k), t)
         del lp, layer  # the real weights of the layer: nothing keeps them once it is released
     # -- backward: the gradient G and its tangent Gt, layer by layer from the top
     stream.count_pass("sensitivity-backward")
@@ -439,7 +449,7 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
                 g_in, gt_in, hvs = _hvp_through_layer(
                     stream, layer, i, lp, sl.inputs.get((i, key), stream.device), stream.embed(key, batch),
                     head, None if top else G[key], [None if top else Gt[(key, k)] for k in probes],
-                    [tangents.get((i, key, k)) for k in probes], vectors)
+                    [tangents.maybe((i, key, k), stream.device) for k in probes], vectors)
                 G[key] = g_in
                 for k, gt, per in zip(probes, gt_in, hvs):
                     Gt[(key, k)] = gt
@@ -447,8 +457,10 @@ def _hutchinson_chunk(sl: _StreamedLoss, probes: list[int]) -> list[dict[int, di
                         acc = est[fold][k]
                         acc[lp.group.layer] = acc.get(lp.group.layer, 0) + per
                 for k in probes:
-                    tangents.pop((i, key, k), None)
+                    tangents.pop((i, key, k))
         del lp, layer
+    tangents.clear()
+    shutil.rmtree(spill_dir, ignore_errors=True)
     return est
 
 

@@ -518,6 +518,17 @@ class ActivationStore:
     def __contains__(self, key) -> bool:
         return key in self.mem or key in self.on_disk
 
+    def maybe(self, key, device) -> torch.Tensor | None:
+        return self.get(key, device) if key in self else None
+
+    def pop(self, key) -> None:
+        t = self.mem.pop(key, None)
+        if t is not None:
+            self.held -= t.numel() * t.element_size()
+        elif key in self.on_disk:
+            self.on_disk.discard(key)
+            self._file(key).unlink(missing_ok=True)
+
     @property
     def spilled(self) -> bool:
         return bool(self.on_disk)
