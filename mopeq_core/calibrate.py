@@ -147,6 +147,35 @@ def _install_hooks(model, groups: list[ExpertGroup], acc: _Accumulator, all_toke
     return handles
 
 
+def fill_starved(routed: _Accumulator, groups: list[ExpertGroup], all_token_pass, *, all_experts: bool,
+                 min_tokens: int = 8) -> dict[int, set[int]]:
+    """Experts that saw fewer than ``min_tokens`` routed tokens (every expert with ``all_experts``) get the
+    statistics of every calibration token, from ``all_token_pass(accumulator)`` (hooks that send every token
+    through them; the model's output still uses the routed result). Their sums are rescaled to the routed count
+    (at least one) so scores stay comparable; in all-experts mode they are the plain all-token sums. Returns the
+    starved experts per layer."""
+    if all_experts:
+        starved = {g.layer: set(range(g.num_experts)) for g in groups}
+    else:
+        starved = {g.layer: {e for e in range(g.num_experts) if int(routed.counts[g.layer][e]) < min_tokens}
+                   for g in groups}
+        starved = {k: v for k, v in starved.items() if v}
+    if not starved:
+        return starved
+    alltok = _Accumulator(groups, bool(routed.hs), only=starved)
+    all_token_pass(alltok)
+    for layer, experts in starved.items():
+        for e in experts:
+            n_all = max(int(alltok.counts[layer][e]), 1)
+            scale = 1.0 if all_experts else max(int(routed.counts[layer][e]), 1) / n_all
+            for key in routed.sq:
+                if key[0] == layer:
+                    routed.sq[key][e] = alltok.sq[key][e] * scale
+                    if routed.hs:
+                        routed.hs[key][e] = alltok.hs[key][e] * scale
+    return starved
+
+
 def _run(model, samples, batch_size, should_stop, on_progress, hooks):
     # samples: token windows or an image+text SampleSet (data.iter_batches gives model-input dicts for both).
     from .data import iter_batches
@@ -176,29 +205,12 @@ def calibrate(model, groups: list[ExpertGroup], samples, *, collect_hessians: bo
     routed = _Accumulator(groups, collect_hessians)
     progress = (lambda f: on_progress(0.5 * f)) if on_progress else None
     _run(model, samples, batch_size, should_stop, progress, _install_hooks(model, groups, routed, False, top_k))
-    if all_experts:
-        starved = {g.layer: set(range(g.num_experts)) for g in groups}
-    else:
-        starved = {g.layer: {e for e in range(g.num_experts) if int(routed.counts[g.layer][e]) < min_tokens}
-                   for g in groups}
-        starved = {k: v for k, v in starved.items() if v}
-    if starved:
-        # Second pass: every token through the starved experts (the model output still uses the routed result).
-        alltok = _Accumulator(groups, collect_hessians, only=starved)
+    def all_token_pass(alltok: _Accumulator) -> None:  # every token through the starved experts
         progress = (lambda f: on_progress(0.5 + 0.5 * f)) if on_progress else None
         _run(model, samples, batch_size, should_stop, progress, _install_hooks(model, groups, alltok, True, {}))
-        for layer, experts in starved.items():
-            for e in experts:
-                # Rescale all-token sums to the routed token count (at least one) so scores stay comparable;
-                # in all-experts mode every expert uses the plain all-token sums.
-                n_all = max(int(alltok.counts[layer][e]), 1)
-                scale = 1.0 if all_experts else max(int(routed.counts[layer][e]), 1) / n_all
-                for key in routed.sq:
-                    if key[0] == layer:
-                        routed.sq[key][e] = alltok.sq[key][e] * scale
-                        if routed.hs:
-                            routed.hs[key][e] = alltok.hs[key][e] * scale
-    elif on_progress:
+
+    starved = fill_starved(routed, groups, all_token_pass, all_experts=all_experts, min_tokens=min_tokens)
+    if not starved and on_progress:
         on_progress(1.0)
     fallback = {} if all_experts else {k: sorted(v) for k, v in starved.items()}
     n_tokens = int(samples.numel())  # positions through the MoE layers (image tokens too, for a SampleSet)

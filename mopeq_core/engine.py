@@ -485,15 +485,11 @@ class _Run:
     def _finish_layer_stats(self, g, layer, i: int, acc, top_k: dict, xs: dict, n_tokens: int):
         """One layer's routed statistics; starved experts (or all, with ``calib_all_experts``) get all-token
         statistics from a second pass over the layer, rescaled to their routed count."""
-        from .calibrate import CalibrationStats, _Accumulator, _install_hooks
+        from .calibrate import CalibrationStats, _install_hooks, fill_starved
 
         cfg, stream = self.cfg, self.stream
-        if cfg.calib_all_experts:
-            starved = set(range(g.num_experts))
-        else:
-            starved = {e for e in range(g.num_experts) if int(acc.counts[g.layer][e]) < 8}
-        if starved:
-            alltok = _Accumulator([g], bool(acc.hs), only={g.layer: starved})
+
+        def all_token_pass(alltok) -> None:
             handles = _install_hooks(stream.model, [g], alltok, True, {})
             try:
                 with torch.no_grad():
@@ -503,13 +499,8 @@ class _Run:
             finally:
                 for h in handles:
                     h.remove()
-            for e in starved:
-                n_all = max(int(alltok.counts[g.layer][e]), 1)
-                scale = 1.0 if cfg.calib_all_experts else max(int(acc.counts[g.layer][e]), 1) / n_all
-                for key in acc.sq:
-                    acc.sq[key][e] = alltok.sq[key][e] * scale
-                    if acc.hs:
-                        acc.hs[key][e] = alltok.hs[key][e] * scale
+
+        starved = fill_starved(acc, [g], all_token_pass, all_experts=cfg.calib_all_experts).get(g.layer, set())
         if g.layer not in top_k and n_tokens:
             top_k[g.layer] = round(int(acc.counts[g.layer].sum()) / n_tokens)
         fallback = {} if cfg.calib_all_experts or not starved else {g.layer: sorted(starved)}
