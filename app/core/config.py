@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     @field_validator("QUEUES")
     @classmethod
     def _queues(cls, v: str) -> str:
-        from app.services.queues import parse_queues
+        from app.core.queue_classes import parse_queues
 
         parse_queues(v)  # raises on a malformed list
         return v
