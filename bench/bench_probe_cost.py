@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     def probe():
         streamed_hvp_products(ctx, [next(probe_no)])
 
+    def eight_probes():  # one batch of probes shares the layer recomputations of the two streams
+        start = next(probe_no) * 8 + 10**5
+        streamed_hvp_products(ctx, list(range(start, start + 8)))
+
     def timed(fn) -> float:
         fn()  # warm-up
         out = []
@@ -82,7 +86,8 @@ def main(argv=None) -> int:
         return statistics.median(out)
 
     t = {"forward": timed(forward), "forward+backward (expert weights)": timed(forward_backward),
-         "one streamed probe (forward and backward streams)": timed(probe)}
+         "one streamed probe (forward and backward streams)": timed(probe),
+         "per probe, in a batch of 8 probes": timed(eight_probes) / 8}
     print(f"command: `python bench/bench_probe_cost.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     print(f"model {args.model}, batch {args.batch} x {args.seq_len} tokens, {args.threads} thread(s), median of "
           f"{args.repeats}\n")
