@@ -78,21 +78,6 @@ def build_candidates(groups: list[ExpertGroup], bits_choices: tuple[int, ...], s
     return cs
 
 
-class WeightSnapshot:
-    """Full-precision copies of every expert weight, so candidate bit maps can be tried and undone."""
-
-    def __init__(self, groups: list[ExpertGroup]):
-        self.groups = groups
-        self.saved = {(g.layer, e, p.name): g.weight(e, p.name).detach().clone()
-                      for g in groups for e in range(g.num_experts) for p in g.projections}
-
-    def restore(self) -> None:
-        for g in self.groups:
-            for e in range(g.num_experts):
-                for p in g.projections:
-                    g.set_weight(e, p.name, self.saved[(g.layer, e, p.name)])
-
-
 def apply_fake_quant(groups: list[ExpertGroup], chosen: dict[ExpertKey, dict[str, QuantizedMatrix]]) -> None:
     """Write each expert's dequantized weights into the model (the fake-quantized model)."""
     for g in groups:

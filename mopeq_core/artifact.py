@@ -167,12 +167,6 @@ def build_bitmap(*, model_id: str, revision: str | None, groups: list[ExpertGrou
     }
 
 
-def packed_matrices_from_candidates(candidates, groups, bits):
-    """{(layer, expert): {proj: QuantizedMatrix}} at the chosen widths, from a CandidateSet."""
-    return {(g.layer, e): candidates.matrices[(g.layer, e, bits[(g.layer, e)])]
-            for g in groups for e in range(g.num_experts)}
-
-
 def matrices_for_layer(chosen: dict[tuple[int, int], dict[str, QuantizedMatrix]]):
     def per_layer(g: ExpertGroup):
         return {e: chosen[(g.layer, e)] for e in range(g.num_experts)}

@@ -72,16 +72,6 @@ def token_samples(tokenizer, texts: list[str], n_samples: int, seq_len: int, *, 
     return torch.stack([all_ids[s: s + seq_len] for s in starts.tolist()])
 
 
-def split_holdout(samples, holdout_fraction: float = 0.25):
-    """(fit, holdout): the last share of calibration samples is kept back to choose between candidate bit maps.
-    Works on token windows and on a SampleSet alike (len + slicing)."""
-    n = len(samples)
-    k = max(1, int(round(n * holdout_fraction))) if n > 1 else 0
-    if k == 0:
-        return samples, samples
-    return samples[: n - k], samples[n - k:]
-
-
 def iter_batches(samples, batch_size: int, device=None, dtype: torch.dtype | None = None
                  ) -> Iterator[dict[str, torch.Tensor]]:
     """Model-input dicts for ``samples``: ``{"input_ids": rows}`` slices of a token-window tensor, or the items of
