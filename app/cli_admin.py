@@ -29,6 +29,8 @@ def create_key_cmd(
     scope: str = typer.Option("user", help="user (own jobs) or admin (all jobs, key management)"),
     rate_limit: int | None = typer.Option(None, help="Requests per minute (default MOPEQ_RATE_LIMIT_PER_MINUTE)"),
     max_jobs: int | None = typer.Option(None, help="Queued+running jobs at once (default MOPEQ_MAX_CONCURRENT_JOBS)"),
+    storage_quota: int | None = typer.Option(None, "--storage-quota", min=0,
+                                             help="Most artifact bytes the key's jobs may hold (default: no quota)"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON"),
 ) -> None:
     """Create an API key and print it (it is shown once; only its HMAC is stored)."""
@@ -39,7 +41,8 @@ def create_key_cmd(
         raise typer.BadParameter("scope must be user or admin")
     settings, factory = _factory()
     row, secret = create_key(factory, Keyring(settings.secret_key()), name=name, scope=scope,
-                             rate_limit_per_minute=rate_limit, max_concurrent_jobs=max_jobs)
+                             rate_limit_per_minute=rate_limit, max_concurrent_jobs=max_jobs,
+                             storage_quota_bytes=storage_quota)
     if as_json:
         typer.echo(json.dumps({"id": row.id, "name": row.name, "scope": row.scope, "api_key": secret}))
     else:
@@ -75,6 +78,21 @@ def revoke_key_cmd(key_id: str) -> None:
             raise typer.Exit(1)
         row.revoked_at = row.revoked_at or utcnow()
     typer.echo(f"revoked {key_id}")
+
+
+@app.command("set-quota")
+def set_quota_cmd(
+    key_id: str,
+    storage_quota: int | None = typer.Argument(None, min=0, help="Bytes; leave out to remove the quota"),
+) -> None:
+    """Set (or remove) an API key's storage quota: the most artifact bytes its jobs may hold."""
+    from app.services.keys import set_storage_quota
+
+    _, factory = _factory()
+    if set_storage_quota(factory, key_id, storage_quota) is None:
+        typer.echo(f"no key {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"key {key_id}: storage quota {'none' if storage_quota is None else f'{storage_quota:,} bytes'}")
 
 
 @app.command("migrate")

@@ -98,6 +98,8 @@ class QuantizeConfig:
             bad("--group-size must be a multiple of 8 between 8 and 8192")
         if not (1 <= self.probes <= 4096):
             bad("--probes must be between 1 and 4096")
+        if not (0.0 <= self.probe_tol <= 1.0):
+            bad("--probe-tol must be between 0 (use every probe) and 1")
         if not (1 <= self.calib_samples <= 100_000) or not (8 <= self.seq_len <= 32_768):
             bad("--calib-samples must be 1..100000 and --seq-len 8..32768")
         if self.budget.avg_bits is not None and not (1.0 <= self.budget.avg_bits <= 16.0):

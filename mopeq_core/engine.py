@@ -42,13 +42,14 @@ from typing import Any
 
 import torch
 
+from .formats import AUTO_FOLDS as FOLDS  # one number for the engine and the API's submit-time refusal
+from .formats import CALIB_BATCH as BATCH
+
 STAGES = ("fetch", "calibrate", "sensitivity", "allocate", "quantize", "evaluate", "export")
 _STAGE_WEIGHT = {"fetch": 0.05, "calibrate": 0.2, "sensitivity": 0.35, "allocate": 0.15, "quantize": 0.15,
                  "evaluate": 0.05, "export": 0.05}
 AUTO_CANDIDATES = ("hutchinson", "fisher", "frequency", "input-hessian")
 LOSS_METHODS = ("hutchinson", "fisher")
-FOLDS = 2
-BATCH = 8
 log = logging.getLogger(__name__)
 
 
@@ -280,9 +281,9 @@ class _Run:
         from .streaming import ModelStream, SafetensorsCheckpoint
 
         cfg, st = self.cfg, self.state
-        if cfg.format not in ("mopeq", "fake"):
-            from .exporters import precheck
+        from .formats import check_streamed, precheck
 
+        if cfg.format not in ("mopeq", "fake"):
             precheck(cfg.format, cfg)  # refuse an impossible export before any compute
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserInputError("--device cuda was asked for but torch sees no CUDA device")
@@ -304,14 +305,8 @@ class _Run:
             except Exception:  # noqa: BLE001 - no safetensors index to size from: load it whole (pickle, remote)
                 pass
         if not resident:
-            if cfg.format not in ("mopeq",):
-                raise UserInputError(
-                    f"--format {cfg.format} needs the whole model in memory, and this run streams its layers "
-                    f"({'--low-memory' if cfg.low_memory else 'the model is larger than MOPEQ_RESIDENT_MAX_BYTES'}); "
-                    "write the packed mopeq format, or raise the limit")
-            if cfg.eval_suites:
-                raise UserInputError("evaluation suites need the whole model in memory and this run streams its "
-                                     "layers; drop --eval-suite or --low-memory")
+            check_streamed(cfg, "--low-memory" if cfg.low_memory else
+                           "the model is larger than MOPEQ_RESIDENT_MAX_BYTES")
         self.stream = ModelStream.open(self.model_path, resident=resident, device=cfg.device,
                                        trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
         model = self.stream.model
@@ -343,8 +338,9 @@ class _Run:
         self.eval_batches = make_batches(self.evalset, "eval", BATCH, self.device, dt) if self.evalset is not None else []
         self.folds = [b % FOLDS for b in range(len(self.calib_batches))] if cfg.sensitivity == "auto" else None
         if self.folds is not None and len(self.calib_batches) < FOLDS:
-            raise UserInputError(f"--sensitivity auto cross-fits on {FOLDS} halves of the calibration data: give at "
-                                 f"least {FOLDS * BATCH} calibration samples (or pick a method)")
+            from .formats import auto_samples_error
+
+            raise auto_samples_error(BATCH if isinstance(self.calib, torch.Tensor) else 1)
 
     def _projection_cost(self, p, bits: int) -> int:
         """Bytes of one expert projection at ``bits``: packed codes and scales, or (``--format gguf``) the real

@@ -43,6 +43,10 @@ from safetensors.torch import save_file
 
 from .artifact import write_config
 from .errors import ExportError
+
+# Widths each format can express, and the up-front refusals: torch-free, shared with the web API.
+from .formats import COMPRESSED_TENSORS_BITS, GGUF_TYPES, GPTQ_BITS, precheck
+from .formats import CT_ASYM_MSG as _CT_ASYM_MSG
 from .moe import ExpertGroup
 from .quantize import QuantizedMatrix
 
@@ -50,10 +54,6 @@ INDEX_NAME = "model.safetensors.index.json"
 ExportFn = Callable[..., list[Path]]
 EXPORTERS: dict[str, ExportFn] = {}
 
-# Widths each format can express.
-COMPRESSED_TENSORS_BITS = (4, 8)  # vLLM's compressed-tensors MoE kernels (WNA16) take 4 or 8 bits
-GPTQ_BITS = (2, 3, 4, 8)
-GGUF_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0"}  # ggml_type_name spellings (llama-quantize ignores case)
 GGUF_PROJECTIONS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
@@ -74,43 +74,6 @@ def export(fmt: str, out_dir, model, groups: list[ExpertGroup], chosen, bits: di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return fn(out_dir, model, groups, chosen, bits, cfg)
-
-
-def precheck(fmt: str, cfg) -> None:
-    """Refuse, before any work, a configuration whose allocation the export ``fmt`` could not (or would very likely
-    not) express. Only what the configuration alone decides is checked (``--bits``, ``--granularity``,
-    ``--asymmetric``); the exporters check the actual allocation again."""
-    choices = sorted(set(getattr(cfg, "bits", ()) or ()))
-    layerwise = getattr(cfg, "granularity", "expert") in ("layer", "layer-projection")
-    if fmt == "compressed-tensors":
-        bad = [b for b in choices if b not in COMPRESSED_TENSORS_BITS]
-        if bad:
-            raise ExportError(f"--format compressed-tensors takes widths 4 and 8 only (vLLM's MoE kernels); "
-                              f"--bits offers {bad}: use --bits 4 or --bits 8")
-        if len(choices) > 1 and getattr(cfg, "granularity", "expert") != "layer":
-            raise ExportError("--format compressed-tensors needs one width per MoE layer (vLLM runs one scheme per "
-                              "fused MoE layer): add --granularity layer, or use --bits 4 or --bits 8")
-        if not cfg.symmetric:
-            raise ExportError(_CT_ASYM_MSG)
-    elif fmt == "gptq":
-        bad = [b for b in choices if b not in GPTQ_BITS]
-        if bad:
-            raise ExportError(f"--format gptq takes widths {list(GPTQ_BITS)}; --bits offers {bad}")
-    elif fmt == "gguf":
-        bad = [b for b in choices if b not in GGUF_TYPES]
-        if bad:
-            raise ExportError(f"--format gguf maps widths {sorted(GGUF_TYPES)} to llama.cpp types; --bits offers {bad}")
-        if len(choices) > 1 and not layerwise:
-            raise ExportError("--format gguf needs one width per MoE layer x projection (GGUF has one type per "
-                              "tensor): add --granularity layer-projection or --granularity layer")
-    elif fmt == "gguf-overrides":
-        bad = [b for b in choices if b not in GGUF_TYPES]
-        if bad:
-            raise ExportError(f"--format gguf-overrides maps widths {sorted(GGUF_TYPES)} to llama.cpp types; "
-                              f"--bits offers {bad}")
-        if len(choices) > 1 and not layerwise:
-            raise ExportError("--format gguf-overrides needs one width per MoE layer (GGUF has one type per "
-                              "layer x projection tensor): add --granularity layer")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -316,9 +279,6 @@ def _check_layers_consistent(groups: list[ExpertGroup], chosen, bits, cfg) -> No
 # compressed-tensors
 # ---------------------------------------------------------------------------------------------------------------------
 
-_CT_ASYM_MSG = ("--format compressed-tensors needs symmetric quantization: transformers' compressed-tensors loader "
-                "(CompressedTensorsDequantize) rebuilds each fused expert from weight_packed, weight_scale and "
-                "weight_shape only and fails on the zero points of an asymmetric expert scheme; drop --asymmetric")
 _CT_MIXED_MSG = (
     "--format compressed-tensors: different MoE layers have different widths ({widths}), written as one config group "
     "per width with per-layer targets. transformers {tv} decodes every fused expert with the first experts group "

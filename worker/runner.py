@@ -347,6 +347,7 @@ class JobRun:
             granularity=job.granularity, quantizer=job.quantizer, cost=opts.get("cost", "output"),
             sequential=bool(opts.get("sequential", True)), group_size=job.group_size,
             symmetric=job.symmetric, act_order=bool(opts.get("act_order", False)), probes=job.probes,
+            probe_tol=float(opts.get("probe_tol", 0.02)), calib_all_experts=bool(opts.get("calib_all_experts", False)),
             calib_file=job.calib_file, calib_samples=job.calib_samples, seq_len=job.seq_len,
             eval_file=job.eval_file, eval_samples=job.eval_samples,
             eval_suites=tuple(opts.get("eval_suites") or ()), eval_suite_limit=opts.get("eval_suite_limit"),

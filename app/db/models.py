@@ -79,6 +79,8 @@ class ApiKey(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # Jobs admitted so far; bumped under the row's lock by every admission (app.services.limits.admit).
     admissions: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Most artifact bytes the key may hold (stored + unfinished jobs' estimates); NULL: no quota (services.quota).
+    storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Job(Base):

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, SecretStr
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+PATH_TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"  # what _CONTROL allows, stated in the OpenAPI schema
 TOKEN_PATTERN = r"^[!-~]+$"  # printable ASCII, no spaces: what a Hub access token is (and what an HTTP header holds)
 
 
@@ -43,6 +44,8 @@ class ErrorOut(BaseModel):
     detail: str | list[Any] = Field(description="What went wrong and what to do about it")
     code: str = Field(description="Machine-readable error code, e.g. not_moe, infeasible_budget, rate_limited")
     feasible: dict[str, Any] | None = Field(None, description="For infeasible_budget: the feasible budget range")
+    quota: dict[str, Any] | None = Field(None, description="For storage_quota_exceeded: storage_quota_bytes, "
+                                                           "stored_bytes, reserved_bytes and requested_bytes")
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

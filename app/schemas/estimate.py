@@ -4,16 +4,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas.common import TOKEN_PATTERN, HubToken, PathText
-from app.schemas.jobs import REVISION_PATTERN, BudgetIn, CalibrationIn, Strict
+from app.schemas.jobs import (
+    REVISION_PATTERN,
+    BitsList,
+    BudgetIn,
+    CalibrationIn,
+    GroupSize,
+    ModelRef,
+    Strict,
+    Token,
+)
 from mopeq_core.config import QUANTIZERS
 
 
 class EstimateIn(Strict):
-    model: PathText = Field(min_length=1, max_length=500)
+    model: ModelRef
     revision: str | None = Field(None, pattern=REVISION_PATTERN)
-    bits: list[int] = Field(default_factory=lambda: [2, 3, 4], min_length=1, max_length=4)
-    group_size: int = Field(128, ge=8, le=8192)
+    bits: BitsList = Field(default_factory=lambda: [2, 3, 4])
+    group_size: GroupSize = 128
     symmetric: bool = True
     budget: BudgetIn | None = Field(None, description="When given, the answer says whether it is feasible")
     trust_remote_code: bool = False
@@ -21,8 +29,7 @@ class EstimateIn(Strict):
                                            description="gptq adds its Hessians to the calibration memory")
     calibration: CalibrationIn = Field(default_factory=CalibrationIn,
                                        description="Sizes the calibration memory and checks the server's bounds")
-    hf_token: HubToken | None = Field(None, max_length=1000,
-                                      json_schema_extra={"writeOnly": True, "pattern": TOKEN_PATTERN})
+    hf_token: Token | None = Field(None, json_schema_extra={"writeOnly": True})
 
 
 class MoELayerOut(BaseModel):

@@ -8,13 +8,16 @@ from app.schemas.jobs import BudgetOut, CalibrationIn, EvaluationIn, JobOut, Pus
 
 
 def job_out(job: Job) -> JobOut:
+    opts = job.options or {}
     return JobOut(
         id=job.id, status=job.status, stage=job.stage, progress=job.progress, model=job.model,
         revision=job.revision, resolved_revision=job.resolved_revision,
         budget=BudgetOut(avg_bits=job.budget_avg_bits, gb=job.budget_gb), bits=list(job.bits),
         sensitivity=job.sensitivity, allocator=job.allocator, scope=job.scope, granularity=job.granularity,
         quantizer=job.quantizer, group_size=job.group_size, symmetric=job.symmetric, probes=job.probes,
-        calibration=CalibrationIn(file=job.calib_file, samples=job.calib_samples, seq_len=job.seq_len),
+        probe_tol=opts.get("probe_tol"), cost=opts.get("cost"), sequential=opts.get("sequential"),
+        calibration=CalibrationIn(file=job.calib_file, samples=job.calib_samples, seq_len=job.seq_len,
+                                  all_experts=bool(opts.get("calib_all_experts", False))),
         evaluation=EvaluationIn(file=job.eval_file, samples=job.eval_samples,
                                 suites=list((job.options or {}).get("eval_suites") or []),
                                 suite_limit=(job.options or {}).get("eval_suite_limit"))

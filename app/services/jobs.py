@@ -19,7 +19,7 @@ from app.core.security import Keyring
 from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, JobWebhook, utcnow
 from app.schemas.estimate import EstimateIn
 from app.schemas.jobs import JobCreate
-from app.services import limits, queues, tenant_files
+from app.services import limits, queues, quota, refusals, tenant_files
 from app.services import models as model_svc
 from app.services.errors import ServiceError, from_user_error, not_found
 from app.services.events import add_event
@@ -58,8 +58,9 @@ def quantize_config(body: JobCreate) -> QuantizeConfig:
             sensitivity=body.sensitivity, allocator=body.allocator, scope=body.scope, granularity=body.granularity,
             quantizer=body.quantizer, cost=body.cost, sequential=body.sequential, group_size=body.group_size,
             symmetric=body.symmetric,
-            act_order=body.act_order, probes=body.probes, calib_file=body.calibration.file,
+            act_order=body.act_order, probes=body.probes, probe_tol=body.probe_tol, calib_file=body.calibration.file,
             calib_samples=body.calibration.samples, seq_len=body.calibration.seq_len,
+            calib_all_experts=body.calibration.all_experts,
             eval_file=body.evaluation.file if body.evaluation else None,
             eval_samples=body.evaluation.samples if body.evaluation else 64,
             eval_suites=tuple(body.evaluation.suites) if body.evaluation else (),
@@ -157,6 +158,7 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         est.check_budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb)
     except UserInputError as exc:
         raise from_user_error(exc) from exc
+    refusals.check_job(cfg, ck.config)  # what the engine would refuse, refused now
     plan = calibration_plan(body, ck.config, est.layers, settings)
     limits.check_output_size(settings, est.max_bytes)
     need = queues.memory_needed(est, plan)
@@ -172,7 +174,8 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         calib_file=calib, calib_samples=cfg.calib_samples, seq_len=plan.seq_len, eval_file=eval_file,
         eval_samples=cfg.eval_samples, format=cfg.format, trust_remote_code=cfg.trust_remote_code,
         options={"act_order": cfg.act_order, "low_memory": cfg.low_memory, "seed": cfg.seed, "cost": cfg.cost,
-                 "sequential": cfg.sequential,
+                 "sequential": cfg.sequential, "probe_tol": cfg.probe_tol,
+                 "calib_all_experts": cfg.calib_all_experts,
                  "eval_suites": list(cfg.eval_suites), "eval_suite_limit": cfg.eval_suite_limit,
                  "calibration_estimate": plan.to_dict()},
         push_requested=body.push is not None, push_repo_id=body.push.repo_id if body.push else None,
@@ -183,6 +186,7 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
     try:
         with factory() as db, db.begin():
             limits.admit(db, who.key_id, who.max_concurrent_jobs)  # first: it takes the key's lock
+            quota.check_storage(db, who.key_id, est.max_bytes)  # under the key's lock: no overshoot
             db.add(job)
             db.flush()
             add_event(db, job.id, "status", status="queued", progress=0.0, message="job queued")

@@ -8,16 +8,17 @@ from sqlalchemy import select
 from app.api.deps import DB, AdminPrincipal, Factory, KeyringDep
 from app.db.models import ApiKey, utcnow
 from app.schemas.common import error_responses
-from app.schemas.keys import KeyCreate, KeyCreated, KeyOut
+from app.schemas.keys import KeyCreate, KeyCreated, KeyOut, KeyUpdate
 from app.services.errors import not_found
-from app.services.keys import create_key
+from app.services.keys import create_key, set_storage_quota
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 def _out(k: ApiKey) -> KeyOut:
     return KeyOut(id=k.id, name=k.name, scope=k.scope, rate_limit_per_minute=k.rate_limit_per_minute,
-                  max_concurrent_jobs=k.max_concurrent_jobs, created_at=k.created_at, revoked_at=k.revoked_at)
+                  max_concurrent_jobs=k.max_concurrent_jobs, storage_quota_bytes=k.storage_quota_bytes,
+                  created_at=k.created_at, revoked_at=k.revoked_at)
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated,
@@ -25,7 +26,8 @@ def _out(k: ApiKey) -> KeyOut:
 def new_key(body: KeyCreate, who: AdminPrincipal, factory: Factory, keyring: KeyringDep) -> KeyCreated:
     row, secret = create_key(factory, keyring, name=body.name, scope=body.scope,
                              rate_limit_per_minute=body.rate_limit_per_minute,
-                             max_concurrent_jobs=body.max_concurrent_jobs)
+                             max_concurrent_jobs=body.max_concurrent_jobs,
+                             storage_quota_bytes=body.storage_quota_bytes)
     return KeyCreated(**_out(row).model_dump(), api_key=secret)
 
 
@@ -41,4 +43,14 @@ def revoke_key(key_id: str, who: AdminPrincipal, factory: Factory) -> KeyOut:
         if row is None:
             raise not_found("key")
         row.revoked_at = row.revoked_at or utcnow()
+    return _out(row)
+
+
+@router.patch("/keys/{key_id}", response_model=KeyOut, responses=error_responses(400, 401, 403, 404, 413, 422, 429))
+def update_key(key_id: str, body: KeyUpdate, who: AdminPrincipal, factory: Factory) -> KeyOut:
+    """Change a key's storage quota (``{"storage_quota_bytes": N}``; null removes it). Jobs already admitted keep
+    running; the next submit is checked against the new quota."""
+    row = set_storage_quota(factory, key_id, body.storage_quota_bytes) if len(key_id) <= 32 else None
+    if row is None:
+        raise not_found("key")
     return _out(row)
