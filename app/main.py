@@ -19,6 +19,7 @@ from app.core.metrics import Metrics
 from app.core.security import Keyring, redact
 from app.db.session import make_engine, make_sessionmaker
 from app.schemas.common import document_errors
+from app.schemas.jobs import state_server_bounds
 from app.services.errors import ServiceError
 from app.services.ratelimit import RateLimiter
 from app.services.streams import StreamSlots
@@ -127,4 +128,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(watches.router, prefix="/v1")
     app.include_router(hooks.router, prefix="/v1")
     document_errors(app)
+    state_server_bounds(app, settings)  # MOPEQ_MAX_* as the job body's maxima
     return app

@@ -96,14 +96,14 @@ def auto_samples_error(rows_per_batch: int = CALIB_BATCH) -> UserInputError:
                           f"least {auto_min_samples(rows_per_batch)} calibration samples (or pick a method)")
 
 
-def check_config(cfg: Any, rows_per_batch: int = CALIB_BATCH) -> None:
+def check_config(cfg: Any) -> None:
     """Every refusal the configuration alone decides, beyond the ranges of ``QuantizeConfig.validate``: the export
     format against the widths and granularity, a --low-memory run against what streaming cannot do, and
-    ``--sensitivity auto`` against too few calibration samples to cross-fit (``rows_per_batch``: 1 for a
-    vision-language model, whose batches hold one example)."""
+    ``--sensitivity auto`` against fewer calibration samples than two text batches (the engine needs fewer for
+    image+text data, one example per batch; this model-independent bound is the one the web API states)."""
     if cfg.format not in ("mopeq", "fake"):
         precheck(cfg.format, cfg)
     if cfg.low_memory:
         check_streamed(cfg, "--low-memory")
-    if cfg.sensitivity == "auto" and cfg.calib_samples < auto_min_samples(rows_per_batch):
-        raise auto_samples_error(rows_per_batch)
+    if cfg.sensitivity == "auto" and cfg.calib_samples < auto_min_samples():
+        raise auto_samples_error()

@@ -29,6 +29,7 @@ from mopeq_core.config import (
 from mopeq_core.eval_suites import HARNESSES
 from mopeq_core.formats import FORMAT_RULES, STREAMABLE_FORMATS
 
+DEFAULT_AVG_BITS = 3.0
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$"
 REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
@@ -58,7 +59,9 @@ class Strict(BaseModel):
 class BudgetAvgBits(Strict):
     """Mean bits per expert weight (scales included)."""
 
-    avg_bits: float = Field(ge=1.0, le=16.0, description="Mean bits per expert weight, e.g. 2.5")
+    avg_bits: float = Field(ge=min(SUPPORTED_BITS), le=max(SUPPORTED_BITS),
+                            description="Mean bits per expert weight, e.g. 2.5: between the smallest and the largest "
+                                        "of the job's bits (the feasible range, whatever the model)")
 
     @property
     def gb(self) -> None:
@@ -113,8 +116,9 @@ class CalibrationIn(Strict):
     file: PathText | None = Field(None, min_length=1, max_length=1000, json_schema_extra={"pattern": PATH_TEXT_PATTERN},
                                   description="A .txt or .jsonl file under the server's model roots (default: built-in text)")
     samples: int = Field(32, ge=1, le=100_000, description="Calibration samples (at most the server's "
-                                                           "MOPEQ_MAX_SAMPLES; sensitivity auto needs at least 9 for a "
-                                                           "text model); samples x seq_len at most MOPEQ_MAX_CALIB_TOKENS")
+                                                           "MOPEQ_MAX_SAMPLES; sensitivity auto needs at least 9, two "
+                                                           "batches to cross-fit); samples x seq_len at most "
+                                                           "MOPEQ_MAX_CALIB_TOKENS")
     seq_len: int = Field(256, ge=8, le=32_768, description="Tokens per sample; at most the model's context "
                                                            "(max_position_embeddings). Default: 256, or the context "
                                                            "when shorter")
@@ -150,32 +154,44 @@ class PushIn(Strict):
     private: bool = False
 
 
-def _when(field: str, value: Any, then: dict[str, Any]) -> dict[str, Any]:
-    return {"if": {"properties": {field: {"const": value}}, "required": [field]}, "then": then}
-
-
 def job_rules_schema() -> dict[str, Any]:
     """The cross-field rules of a job body as JSON Schema, built from the tables the engine checks
-    (mopeq_core.formats): export formats against bits, granularity and symmetric; low_memory against engine formats
-    and evaluation suites; push needs hf_token. The defaults count: ``bits`` left out is [2, 3, 4]."""
-    default_bits = JobCreate.model_fields["bits"].get_default(call_default_factory=True)
-    rules = []
+    (mopeq_core.formats): which export formats the widths, granularity and symmetry allow, and that a low_memory
+    (streamed) run writes the mopeq format without evaluation suites; plus, for a body without ``bits`` (so
+    [2, 3, 4]), an ``avg_bits`` within 2..4. Each rule is one flat ``anyOf`` of the ways to satisfy it: schema-driven
+    generators (schemathesis) give up on more combinations than this. Also checked at submit but only described:
+    ``avg_bits`` within the smallest..largest width of ``bits`` when given, and ``sensitivity: auto`` with at least
+    9 calibration samples."""
+    default_bits = sorted(JobCreate.model_fields["bits"].get_default(call_default_factory=True))
+    streamed_ok = {"evaluation": {"anyOf": [{"type": "null"}, {"properties": {"suites": {"maxItems": 0}}}]}}
+    free = [f for f in FORMATS if f not in FORMAT_RULES or (FORMAT_RULES[f].widths == SUPPORTED_BITS
+            and not FORMAT_RULES[f].mixed_granularities and not FORMAT_RULES[f].symmetric_only)]
+    in_memory = [f for f in free if f in STREAMABLE_FORMATS]
+    formats: list[dict[str, Any]] = [
+        {"properties": {"format": {"enum": in_memory}, "low_memory": {"const": False}}},
+        {"properties": {"format": {"enum": in_memory}, "low_memory": {"const": True}, **streamed_ok},
+         "required": ["low_memory"]},
+        {"properties": {"format": {"enum": [f for f in free if f not in STREAMABLE_FORMATS]},
+                        "low_memory": {"const": False}}, "required": ["format"]}]
     for fmt, rule in FORMAT_RULES.items():
-        then: dict[str, Any] = {"properties": {"bits": {"items": {"enum": list(rule.widths)}}}}
-        required = [] if set(default_bits) <= set(rule.widths) else ["bits"]
-        if rule.mixed_granularities:
-            then["anyOf"] = [{"properties": {"bits": {"maxItems": 1}}, "required": ["bits"]},
-                             {"properties": {"granularity": {"enum": list(rule.mixed_granularities)}},
-                              "required": ["granularity"]}]
+        if fmt in free:
+            continue
+        props: dict[str, Any] = {"format": {"const": fmt}, "low_memory": {"const": False}}
         if rule.symmetric_only:
-            then["properties"]["symmetric"] = {"const": True}
-        if required:
-            then["required"] = required
-        rules.append(_when("format", fmt, then))
-    rules.append(_when("low_memory", True, {"properties": {
-        "format": {"enum": list(STREAMABLE_FORMATS)},
-        "evaluation": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"suites": {"maxItems": 0}}}]}}}))
-    return {"allOf": rules, "dependentRequired": {"push": ["hf_token"]}}
+            props["symmetric"] = {"const": True}
+        widths = {"items": {"enum": list(rule.widths)}}
+        formats.append({"properties": {**props, "bits": {**widths, "maxItems": 1}}, "required": ["format", "bits"]})
+        if rule.mixed_granularities:
+            mixed = {"properties": {**props, "granularity": {"enum": list(rule.mixed_granularities)}},
+                     "required": ["format", "granularity"]}
+            if not set(default_bits) <= set(rule.widths):
+                mixed["properties"]["bits"] = widths
+                mixed["required"].append("bits")
+            formats.append(mixed)
+    budgets = [{"properties": {"budget": {"required": ["gb"]}}}, {"required": ["bits"]},
+               {"properties": {"budget": {"properties": {"avg_bits": {"minimum": default_bits[0],
+                                                                     "maximum": default_bits[-1]}}}}}]
+    return {"allOf": [{"anyOf": formats}, {"anyOf": budgets}], "dependentRequired": {"push": ["hf_token"]}}
 
 
 class JobCreate(Strict):
@@ -188,7 +204,8 @@ class JobCreate(Strict):
 
     model: ModelRef
     revision: str | None = Field(None, pattern=REVISION_PATTERN, description="Branch, tag or commit (Hub models)")
-    budget: BudgetIn = Field(default_factory=lambda: BudgetAvgBits(avg_bits=3.0))
+    budget: BudgetIn = Field(default_factory=lambda: BudgetAvgBits(avg_bits=DEFAULT_AVG_BITS),
+                             description='Default {"avg_bits": 3}, or the nearest width the bits offer')
     bits: BitsList = Field(default_factory=lambda: [2, 3, 4])
     sensitivity: Literal[SENSITIVITY_METHODS] = "auto"  # type: ignore[valid-type]
     allocator: Literal[ALLOCATORS] = "knapsack"  # type: ignore[valid-type]
@@ -219,6 +236,13 @@ class JobCreate(Strict):
                                                    "never returned, logged or stored in plain text")
     webhook: WebhookIn | None = Field(None, description="Announce the job's end to this URL (Standard Webhooks "
                                                         "signature with the secret, retried with backoff)")
+
+    @model_validator(mode="after")
+    def _default_budget(self) -> JobCreate:
+        # Left out, the budget is 3 bits on average, or the nearest width the bits offer (bits [4]: 4).
+        if "budget" not in self.model_fields_set:
+            self.budget = BudgetAvgBits(avg_bits=min(max(DEFAULT_AVG_BITS, min(self.bits)), max(self.bits)))
+        return self
 
 
 class BudgetOut(BaseModel):
@@ -308,3 +332,35 @@ class ArtifactOut(BaseModel):
     hub_repo: str | None
     hub_commit: str | None
     download_url: str | None
+
+
+# The server's bounds (MOPEQ_MAX_*) that a submit checks, stated in /openapi.json with this deployment's values.
+def _server_bounds(settings: Any) -> dict[tuple[str, str], int]:
+    return {("JobCreate", "probes"): settings.MAX_PROBES, ("CalibrationIn", "samples"): settings.MAX_SAMPLES,
+            ("EvaluationIn", "samples"): settings.MAX_SAMPLES}
+
+
+def state_server_bounds(app: Any, settings: Any) -> None:
+    """Make the app's OpenAPI document carry the configured MOPEQ_MAX_PROBES / MOPEQ_MAX_SAMPLES as the fields'
+    ``maximum``, and ``trust_remote_code: false`` only where MOPEQ_ALLOW_REMOTE_CODE_REPOS is empty (the schema is
+    built once per app, so each deployment states its own bounds)."""
+    build = app.openapi
+    done: list[bool] = []
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        if not done:
+            comps = schema.get("components", {}).get("schemas", {})
+            for (model, field), bound in _server_bounds(settings).items():
+                prop = comps.get(model, {}).get("properties", {}).get(field)
+                if prop is not None:
+                    prop["maximum"] = min(prop.get("maximum", bound), bound)
+            if not settings.ALLOW_REMOTE_CODE_REPOS:  # refused for every repo on this server
+                for model in ("JobCreate", "EstimateIn", "JobTemplate"):
+                    prop = comps.get(model, {}).get("properties", {}).get("trust_remote_code")
+                    if prop is not None:
+                        prop["enum"] = [False]
+            done.append(True)
+        return schema
+
+    app.openapi = openapi

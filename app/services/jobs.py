@@ -158,7 +158,7 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         est.check_budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb)
     except UserInputError as exc:
         raise from_user_error(exc) from exc
-    refusals.check_job(cfg, ck.config)  # what the engine would refuse, refused now
+    refusals.check_job(cfg)  # what the engine would refuse, refused now
     plan = calibration_plan(body, ck.config, est.layers, settings)
     limits.check_output_size(settings, est.max_bytes)
     need = queues.memory_needed(est, plan)

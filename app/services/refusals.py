@@ -5,22 +5,16 @@ torch-free); this module only maps them to a 422 that names what to change."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from app.services.errors import from_user_error
 from mopeq_core.config import QuantizeConfig
 from mopeq_core.errors import UserInputError
-from mopeq_core.formats import CALIB_BATCH, check_config
+from mopeq_core.formats import check_config
 
 
-def is_multimodal(model_config: dict[str, Any]) -> bool:
-    """A vision-language checkpoint (its config.json has a vision tower): its calibration batches hold one
-    image+text example each instead of CALIB_BATCH token windows."""
-    return isinstance(model_config.get("vision_config"), dict)
-
-
-def check_job(cfg: QuantizeConfig, model_config: dict[str, Any]) -> None:
+def check_job(cfg: QuantizeConfig) -> None:
+    """One model-independent rule for every job (so that the schema can state it): ``sensitivity: auto`` needs the
+    calibration samples of two text batches, image+text models included."""
     try:
-        check_config(cfg, rows_per_batch=1 if is_multimodal(model_config) else CALIB_BATCH)
+        check_config(cfg)
     except UserInputError as exc:
         raise from_user_error(exc) from exc

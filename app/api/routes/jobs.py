@@ -39,7 +39,8 @@ AUTH_ERRORS = (401, 403, 429)
                          "response for the same body; the same key with another body is a 422.")
 def submit_job(request: Request, body: JobCreate, who: CurrentPrincipal, factory: Factory, settings: SettingsDep,
                keyring: KeyringDep,
-               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
+               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200,
+                                                             pattern=r"^[ -~]+$")] = None) -> JSONResponse:
     created = svc.create_job(factory, settings, keyring, who, body, idempotency_key)
     headers = {"Location": f"/v1/jobs/{created.job_id}"}
     if created.replayed:
