@@ -140,6 +140,7 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
 
     # Everything is checked before anything is written.
     cfg = quantize_config(body)
+    refusals.check_job(cfg)  # what the engine would refuse once running, refused now
     ref = model_svc.resolve_model(body.model, settings)
     calib = _data_file(body.calibration.file, settings, "calibration file")
     eval_file = _data_file(body.evaluation.file if body.evaluation else None, settings, "evaluation file")
@@ -158,7 +159,6 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         est.check_budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb)
     except UserInputError as exc:
         raise from_user_error(exc) from exc
-    refusals.check_job(cfg)  # what the engine would refuse, refused now
     plan = calibration_plan(body, ck.config, est.layers, settings)
     limits.check_output_size(settings, est.max_bytes)
     need = queues.memory_needed(est, plan)
