@@ -101,8 +101,9 @@ class AsyncMopeqClient(_Base):
 
     async def submit(self, model: str, *, idempotency_key: str | None = None, **knobs: Any) -> Job:
         """Submit a job (``POST /v1/jobs``). Knobs: see :func:`job_body` (``avg_bits``/``budget_gb``, ``bits``,
-        ``sensitivity``, ``allocator``, ``scope``, ``granularity``, ``quantizer``, ``group_size``, ``calib_file``,
-        ``calib_samples``, ``seq_len``, ``eval_file``, ``eval_samples``, ``revision``, ``push_repo``, ``private``,
+        ``sensitivity``, ``allocator``, ``scope``, ``granularity``, ``quantizer``, ``cost``, ``sequential``,
+        ``group_size``, ``probes``, ``probe_tol``, ``calib_file``, ``calib_samples``, ``seq_len``,
+        ``calib_all_experts``, ``eval_file``, ``eval_samples``, ``revision``, ``push_repo``, ``private``,
         ``hf_token``, ...). One ``Idempotency-Key`` is used for all retries of this call."""
         key = idempotency_key or str(uuid.uuid4())
         data = await self._json("POST", "/v1/jobs", json=job_body(model, **knobs), headers={"Idempotency-Key": key})

@@ -92,6 +92,9 @@ class Job(_Model):
     group_size: int | None = None
     symmetric: bool | None = None
     probes: int | None = None
+    probe_tol: float | None = None
+    cost: str | None = None
+    sequential: bool | None = None
     format: str | None = None
     trust_remote_code: bool | None = None
     calibration: dict[str, Any] | None = None
@@ -314,8 +317,10 @@ def job_body(model: str, *, revision: str | None = None, avg_bits: float | None 
              sensitivity: str | None = None, allocator: str | None = None, scope: str | None = None,
              granularity: str | None = None, quantizer: str | None = None, group_size: int | None = None,
              symmetric: bool | None = None, act_order: bool | None = None, probes: int | None = None,
+             probe_tol: float | None = None, cost: str | None = None, sequential: bool | None = None,
              calib_file: str | None = None, calib_samples: int | None = None, seq_len: int | None = None,
-             calibration: dict[str, Any] | None = None, eval_file: str | None = None,
+             calib_all_experts: bool | None = None, calibration: dict[str, Any] | None = None,
+             eval_file: str | None = None,
              eval_samples: int | None = None, evaluation: dict[str, Any] | None = None, format: str | None = None,
              low_memory: bool | None = None, seed: int | None = None, trust_remote_code: bool | None = None,
              push: bool | dict[str, Any] | None = None, push_repo: str | None = None, private: bool | None = None,
@@ -325,12 +330,14 @@ def job_body(model: str, *, revision: str | None = None, avg_bits: float | None 
     body: dict[str, Any] = {"model": model}
     simple = {"revision": revision, "bits": _bits(bits), "sensitivity": sensitivity, "allocator": allocator,
               "scope": scope, "granularity": granularity, "quantizer": quantizer, "group_size": group_size,
-              "symmetric": symmetric, "act_order": act_order, "probes": probes, "format": format,
+              "symmetric": symmetric, "act_order": act_order, "probes": probes, "probe_tol": probe_tol,
+              "cost": cost, "sequential": sequential, "format": format,
               "low_memory": low_memory, "seed": seed, "trust_remote_code": trust_remote_code, "hf_token": hf_token,
               "budget": _budget(avg_bits, budget_gb, budget)}
     body.update({k: v for k, v in simple.items() if v is not None})
     calib = dict(calibration or {})
-    for k, v in (("file", calib_file), ("samples", calib_samples), ("seq_len", seq_len)):
+    for k, v in (("file", calib_file), ("samples", calib_samples), ("seq_len", seq_len),
+                 ("all_experts", calib_all_experts)):
         if v is not None:
             calib[k] = str(v) if k == "file" else v
     if calib:

@@ -213,10 +213,17 @@ def submit(
     asymmetric: Annotated[bool, typer.Option("--asymmetric", help="Asymmetric (zero-point) quantization")] = False,
     act_order: Annotated[bool, typer.Option("--act-order")] = False,
     probes: Annotated[int | None, typer.Option("--probes")] = None,
+    probe_tol: Annotated[float | None, typer.Option(
+        "--probe-tol", help="Stop probing at this median relative std error (0: every probe)")] = None,
+    cost: Annotated[str | None, typer.Option("--cost", help="Allocator error: output or weight")] = None,
+    sequential: Annotated[bool | None, typer.Option(
+        "--sequential/--no-sequential", help="GPTQ each layer from the quantized layers' outputs")] = None,
     calib_file: Annotated[str | None, typer.Option(
         "--calib-file", help="Calibration .txt/.jsonl: a path on the server, under its model roots")] = None,
     calib_samples: Annotated[int | None, typer.Option("--calib-samples")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len")] = None,
+    calib_all_experts: Annotated[bool, typer.Option(
+        "--calib-all-experts", help="Every calibration token through every expert for statistics")] = False,
     eval_file: Annotated[str | None, typer.Option(
         "--eval-file", help="Held-out .txt/.jsonl on the server for perplexity (needed by --max-ppl-increase)")] = None,
     eval_samples: Annotated[int | None, typer.Option("--eval-samples")] = None,
@@ -259,8 +266,9 @@ def submit(
             model, idempotency_key=idempotency_key, revision=revision, avg_bits=avg_bits, budget_gb=budget_gb,
             bits=bit_list, sensitivity=sensitivity, allocator=allocator, scope=scope, granularity=granularity,
             quantizer=quantizer, group_size=group_size, symmetric=False if asymmetric else None,
-            act_order=True if act_order else None, probes=probes, calib_file=calib_file,
-            calib_samples=calib_samples, seq_len=seq_len, eval_file=eval_file, eval_samples=eval_samples,
+            act_order=True if act_order else None, probes=probes, probe_tol=probe_tol, cost=cost,
+            sequential=sequential, calib_file=calib_file, calib_samples=calib_samples, seq_len=seq_len,
+            calib_all_experts=True if calib_all_experts else None, eval_file=eval_file, eval_samples=eval_samples,
             format=fmt, low_memory=True if low_memory else None, seed=seed,
             trust_remote_code=True if trust_remote_code else None, push=push or private or bool(push_repo),
             push_repo=push_repo or None, private=True if private else None, hf_token=hf_token or None)

@@ -240,3 +240,18 @@ def test_new_key_with_a_quota(client: tuple[TestClient, Any], model_root: Path) 
     assert r.status_code == 201 and r.json()["storage_quota_bytes"] == 1000
     refused = _submit(c, model_root, r.json()["api_key"])
     assert refused.status_code == 422 and refused.json()["code"] == "storage_quota_exceeded"
+
+
+def test_sdk_sends_the_new_knobs(client: tuple[TestClient, Any], model_root: Path) -> None:
+    from mopeq_client._core import job_body
+
+    c, _ = client
+    body = job_body(str(model_root / "tiny-moe"), avg_bits=3, sensitivity="frequency", quantizer="rtn",
+                    group_size=64, calib_samples=2, seq_len=16, probe_tol=0.25, cost="weight", sequential=False,
+                    calib_all_experts=True)
+    r = c.post("/v1/jobs", json=body, headers=auth())
+    assert r.status_code == 202, r.text
+    shown = c.get(f"/v1/jobs/{r.json()['id']}", headers=auth()).json()
+    assert (shown["probe_tol"], shown["cost"], shown["sequential"], shown["calibration"]["all_experts"]) == (
+        0.25, "weight", False, True)
+    c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth())
