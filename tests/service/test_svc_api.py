@@ -145,7 +145,8 @@ BAD_INPUTS = [
     ("missing local", {"model": "{root}/nothing-here"}, 422, "model_not_found", "does not exist"),
     ("name too long for the filesystem", {"model": "\u00e4" * 200}, 422, "invalid_input", "not a usable path"),
     ("boolean as a number", {"probes": True}, 422, "invalid_request", "got a boolean"),
-    ("infeasible avg bits", {"budget": {"avg_bits": 1.5}}, 422, "infeasible_budget", "feasible range 2...4"),
+    ("infeasible avg bits", {"budget": {"avg_bits": 5.0}}, 422, "infeasible_budget", "feasible range 2...4"),
+    ("avg bits below every width", {"budget": {"avg_bits": 1.5}}, 422, "invalid_request", "greater than or equal to 2"),
     ("infeasible gb", {"budget": {"gb": 0.00001}}, 422, "infeasible_budget", "outside the feasible range"),
     ("two budgets", {"budget": {"avg_bits": 3, "gb": 1}}, 422, "invalid_request", "exactly one"),
     ("bad bits", {"bits": [2, 5]}, 422, "invalid_request", "Input should be 2, 3, 4 or 8"),
@@ -270,7 +271,7 @@ def test_token_is_write_only(api: Api) -> None:
 
 
 def test_estimate_route(api: Api) -> None:
-    r = api.c.post("/v1/estimate", json={"model": str(api.root / "tiny-moe"), "budget": {"avg_bits": 1.5}},
+    r = api.c.post("/v1/estimate", json={"model": str(api.root / "tiny-moe"), "budget": {"avg_bits": 5.0}},
                    headers=auth())
     assert r.status_code == 200, r.text
     d = r.json()

@@ -268,7 +268,7 @@ def test_watches_are_validated_like_jobs(sqlite_stack: Stack) -> None:
     bad: list[tuple[dict[str, Any], int, str, str]] = [
         ({"repo": "org/x", "template": {"group_size": 3}}, 422, "invalid_request", "template.group_size"),
         ({"repo": "org/x", "template": {"model": "org/y"}}, 422, "invalid_request", "template.model"),
-        ({"repo": "org/x", "template": {"bits": [2, 5]}}, 422, "invalid_input", "bits"),
+        ({"repo": "org/x", "template": {"bits": [2, 5]}}, 422, "invalid_request", "bits"),
         ({"repo": "org/x", "template": {"calibration": {"file": "/etc/passwd"}}}, 422, "path_not_allowed", "outside"),
         ({"repo": "*/x"}, 422, "invalid_request", "repo"),
         ({"repo": "org/x", "target_repo": "{owner}/{name}-q"}, 422, "invalid_input", "hf_token"),
