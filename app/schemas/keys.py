@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from app.schemas.jobs import Strict
 
-QUOTA_FIELD = Field(None, ge=0, le=2**62, description="Most artifact bytes this key's jobs may hold: stored files "
+QUOTA_FIELD = Field(None, ge=0, le=10**18, description="Most artifact bytes this key's jobs may hold: stored files "
                                                       "plus the estimated output of its queued and running jobs. A "
                                                       "submit past it is a 422 storage_quota_exceeded. null: no quota")
 
