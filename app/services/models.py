@@ -56,11 +56,14 @@ def _resolve_local_path(value: str, settings: Settings, *, what: str = "model pa
     names a path outside the roots, after resolving symlinks and '..' (whether or not that path exists, so the
     answer tells nothing about the server's files)."""
     roots = settings.model_roots
-    raw = Path(value).expanduser()
     outside = ServiceError(422, "path_not_allowed",
                            f"{what} '{value}' is outside the server's allowed model roots (MOPEQ_MODEL_ROOTS); "
                            "paths that leave them through '..' or symlinks are refused. Put the model under a "
                            "model root or use a Hub repo id.")
+    try:
+        raw = Path(value).expanduser()
+    except RuntimeError:  # '~name' of no user on this server: no path (was a 500, found by schemathesis)
+        raise outside from None
     pathlike = raw.is_absolute() or value.startswith(_PATHLIKE) or ".." in Path(value).parts
     if pathlike:
         cands = [raw] if raw.is_absolute() else [Path.cwd() / raw]

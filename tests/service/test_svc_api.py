@@ -140,6 +140,7 @@ BAD_INPUTS = [
      "MOPEQ_ALLOW_REMOTE_CODE_REPOS"),
     ("traversal", {"model": "{root}/../../../etc"}, 422, "path_not_allowed", "outside the server's allowed"),
     ("absolute outside", {"model": "/etc"}, 422, "path_not_allowed", "outside the server's allowed"),
+    ("home of no user", {"model": "~nosuchuser-mopeq/m"}, 422, "path_not_allowed", "outside the server's allowed"),
     ("dir symlink escape", {"model": "escape"}, 422, "path_not_allowed", "outside the server's allowed"),
     ("file symlink escape", {"model": "{root}/sneaky"}, 422, "path_not_allowed", "outside the allowed model roots"),
     ("missing local", {"model": "{root}/nothing-here"}, 422, "model_not_found", "does not exist"),

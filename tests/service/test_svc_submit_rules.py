@@ -283,3 +283,27 @@ def test_0006b_adds_the_quota_column_to_existing_keys_and_downgrades(migration_d
             assert conn.execute(text("SELECT name FROM api_keys WHERE id = 'k1'")).scalar_one() == "old"
     finally:
         eng.dispose()
+
+
+def test_admin_cli_sets_the_quota(tmp_path: Path, model_root: Path) -> None:
+    import subprocess
+    import sys
+
+    from app.db.models import ApiKey
+
+    env = service_env(tmp_path, model_root)
+    settings = settings_from_env(env)
+
+    def cli(*args: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "app.cli_admin", *args], env=env, capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    key_id = json.loads(cli("create-key", "ci", "--storage-quota", "5000000000", "--json"))["id"]
+    quota = lambda: sessionmaker(create_engine(settings.database_url))().get(ApiKey, key_id).storage_quota_bytes  # noqa: E731
+    assert quota() == 5_000_000_000
+    cli("set-quota", key_id, "7")
+    assert quota() == 7
+    cli("set-quota", key_id)
+    assert quota() is None
