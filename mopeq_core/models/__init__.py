@@ -1,0 +1,30 @@
+"""Native transformers-5 implementations of MoE checkpoints that otherwise need remote code.
+
+``register_all()`` registers them with transformers' Auto classes; a registered ``model_type`` wins over a
+checkpoint's ``auto_map``, so such checkpoints load without ``trust_remote_code``."""
+
+from __future__ import annotations
+
+_done = False
+
+
+def register_all() -> None:
+    global _done
+    if _done:
+        return
+    from . import molmoe
+
+    molmoe.register()
+    _done = True
+
+
+def native_model_types() -> set[str]:
+    """``model_type`` values served by these native implementations."""
+    from . import molmoe
+
+    return {molmoe.MODEL_TYPE}
+
+
+def is_native(config: dict) -> bool:
+    """True when the config's ``model_type`` has a native implementation here (its ``auto_map`` is then ignored)."""
+    return isinstance(config, dict) and config.get("model_type") in native_model_types()
