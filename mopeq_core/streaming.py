@@ -122,7 +122,10 @@ class ModelStream:
         from .moe import find_expert_groups
         from .multimodal import auto_model_class
 
+        from .models import trust_for
+
         ckpt = SafetensorsCheckpoint(path)
+        trust_remote_code = trust_for(path, trust_remote_code)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         try:
             with _parameters_on_meta():

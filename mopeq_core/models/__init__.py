@@ -28,3 +28,20 @@ def native_model_types() -> set[str]:
 def is_native(config: dict) -> bool:
     """True when the config's ``model_type`` has a native implementation here (its ``auto_map`` is then ignored)."""
     return isinstance(config, dict) and config.get("model_type") in native_model_types()
+
+
+def trust_for(config, trust_remote_code: bool) -> bool:
+    """Registers the native models and returns the ``trust_remote_code`` to load ``config`` with: False when its
+    ``model_type`` is native (remote code is then never run, even if allowed), else ``trust_remote_code``.
+    ``config``: a config dict, or a model directory holding config.json."""
+    import json
+    from pathlib import Path
+
+    register_all()
+    if isinstance(config, (str, Path)):
+        f = Path(config) / "config.json"
+        try:
+            config = json.loads(f.read_text()) if f.is_file() else {}
+        except (OSError, ValueError):
+            config = {}
+    return False if is_native(config) else trust_remote_code
