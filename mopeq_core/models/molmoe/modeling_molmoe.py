@@ -106,8 +106,9 @@ class MolmoAttention(nn.Module):
         if nkv != nh:
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + attention_mask.to(q.dtype)
-        att = scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
+        # the additive mask stays float32: in bfloat16 its minimum would round to -inf (NaN on all-masked rows)
+        scores = ((q @ k.transpose(-1, -2)) / math.sqrt(hd)).float() + attention_mask
+        att = scores.softmax(-1).to(v.dtype) @ v
         return self.attn_out(att.transpose(1, 2).reshape(b, t, c))
 
 
