@@ -153,8 +153,6 @@ class MolmoImageProcessor(BaseImageProcessor):
 
 class MolmoProcessor(ProcessorMixin):
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         if chat_template is None:
