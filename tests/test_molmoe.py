@@ -11,6 +11,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -112,6 +113,20 @@ def test_processor_matches_the_real_processor(ref):
     enc = proc(text=[prompt], images=[image], return_tensors="pt")
     assert torch.equal(enc["input_ids"][0].to(torch.int32), t["image.input_ids"].to(torch.int32))
     assert torch.equal(enc["images"][0], t["image.images"])
+
+
+def test_processor_at_molmoe_1b_settings_matches_the_real_processor(ref):
+    """The real preprocessing at MolmoE-1B's own settings (336 px crops, margins 4/4, up to 12 crops)."""
+    meta, t = ref
+    tok = _processor(meta).tokenizer
+    big = Image.fromarray(np.tile(t["raw_image"].numpy(), (5, 8, 1)))  # as the fixture script
+    got = MolmoProcessor(MolmoImageProcessor(), tok).process(meta["prompts"][0], images=[big])
+    assert got["images"].shape[0] == 7  # the global view and 2 x 3 overlapping crops
+    assert torch.equal(got["input_ids"], t["full.input_ids"])
+    assert torch.equal(got["image_input_idx"].to(torch.int32), t["full.image_input_idx"])
+    assert torch.equal(got["image_masks"], t["full.image_masks"])
+    crops = got["images"].double()
+    assert torch.equal(crops.sum(-1), t["full.images_sum"]) and torch.equal((crops ** 2).sum(-1), t["full.images_sumsq"])
 
 
 def test_auto_classes_save_load_and_cached_generation(model, ref, tmp_path):

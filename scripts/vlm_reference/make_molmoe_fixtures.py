@@ -158,6 +158,16 @@ def main() -> None:
     for layer, idx in routed:
         tensors[f"batch.routing.{layer}"] = idx.to(torch.int16).contiguous()
 
+    # MolmoE-1B's own preprocessing (336 px crops, margins 4/4, up to 12 crops) on the full-size image: the images
+    # are kept as per-patch sums and sums of squares (float64) to stay small; tokens, indices and masks exactly.
+    # The image is raw_image tiled 5 x 8 (500 x 720 px), rebuilt the same way by the test: 2 x 3 crops + global.
+    big = Image.fromarray(np.tile(raw, (5, 8, 1)))
+    full = pm.MolmoProcessor(im.MolmoImageProcessor(), tok).process(text=PROMPTS[0], images=[big])
+    crops = full["images"].double()
+    tensors.update({"full.input_ids": full["input_ids"], "full.image_input_idx": full["image_input_idx"],
+                    "full.image_masks": full["image_masks"], "full.images_sum": crops.sum(-1),
+                    "full.images_sumsq": (crops ** 2).sum(-1)})
+
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(args.out / "molmoe_reference.safetensors"))
     meta = {"config": cfg_dict,

@@ -140,11 +140,15 @@ class MolmoImageProcessor(BaseImageProcessor):
         per_image = th * tw
         order = np.concatenate([np.arange(per_image), np.where(order >= 0, order + per_image, -1)])
         masks = np.pad(masks, [[0, 1], [0, 0]], constant_values=-1)  # sic: the global crop's row goes last
-        # image_input_idx: for each (crop, token slot), the position of its <im_patch> token, -100 for margins.
+        # image_input_idx: for each (crop, token slot), the position of an <im_patch> token, -100 for margins. As in
+        # the original (build_image_input_idx), the k-th kept slot takes the position of the slot numbered k.
         positions = np.nonzero(tokens == ids[IM_PATCH])[0]
         valid = order >= 0
+        numbers = order[valid]
+        inverse = np.empty_like(numbers)
+        inverse[numbers] = np.arange(numbers.size)
         idx = np.full(order.shape, -100, dtype=np.int64)
-        idx[valid] = positions[order[valid]]
+        idx[valid] = positions[inverse]
         return crops.astype(np.float32), tokens, idx.reshape(-1, per_image), masks.astype(np.float32)
 
     def preprocess(self, images, **kwargs):
