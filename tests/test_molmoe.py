@@ -145,6 +145,8 @@ def test_auto_classes_save_load_and_cached_generation(model, ref, tmp_path):
 
     again = load_model(tmp_path)  # trust_remote_code=False
     assert type(again) is MolmoForCausalLM
+    # even where remote code is allowed it is not run (the auto_map's files do not even exist here)
+    assert type(load_model(tmp_path, trust_remote_code=True)) is MolmoForCausalLM
     batch = {k: t[f"image.{k}"].unsqueeze(0) for k in ("input_ids", "images", "image_input_idx", "image_masks")}
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=0)
