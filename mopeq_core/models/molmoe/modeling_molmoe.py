@@ -338,7 +338,6 @@ class MolmoPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["MolmoDecoderLayer", "ResidualAttentionBlock"]
-    _supports_cache_class = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -425,11 +424,8 @@ class MolmoForCausalLM(MolmoPreTrainedModel, GenerationMixin):
                 **kwargs) -> CausalLMOutputWithPast:
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if not use_cache and past_key_values is not None and not isinstance(past_key_values, Cache):
-            past_key_values = None
         x = self.model(input_ids, attention_mask=attention_mask, images=images, image_masks=image_masks,
-                       image_input_idx=image_input_idx, position_ids=position_ids,
-                       past_key_values=past_key_values if use_cache or past_key_values is not None else None)
+                       image_input_idx=image_input_idx, position_ids=position_ids, past_key_values=past_key_values)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         if self.config.weight_tying:
