@@ -187,7 +187,8 @@ class MolmoProcessor(ProcessorMixin):
         return self._ids()[IM_END]
 
     def _bos(self) -> int:
-        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        # OLMo's tokenizer has no BOS: EOS separates; `or` as the original (an id 0 BOS also falls back to EOS)
+        return self.tokenizer.bos_token_id or self.tokenizer.eos_token_id
 
     def encode_one(self, text: str, image=None) -> dict[str, torch.Tensor]:
         """One example, ``text`` already formatted: 1-D input_ids (BOS, image tokens, text) and, with an image,
