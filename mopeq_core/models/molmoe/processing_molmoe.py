@@ -169,22 +169,11 @@ class MolmoProcessor(ProcessorMixin):
             raise ValueError(f"the tokenizer lacks Molmo's image tokens {EXTRA_TOKENS}")
         return ids
 
-    # ids the calibration masks out of the loss (multimodal.image_token_ids)
-    @property
-    def image_patch_token_id(self) -> int:
-        return self._ids()[IM_PATCH]
-
-    @property
-    def image_col_token_id(self) -> int:
-        return self._ids()[IM_COL]
-
-    @property
-    def image_start_token_id(self) -> int:
-        return self._ids()[IM_START]
-
-    @property
-    def image_end_token_id(self) -> int:
-        return self._ids()[IM_END]
+    # ids the calibration masks out of the loss (multimodal.image_token_ids finds them by name)
+    image_patch_token_id = property(lambda self: self._ids()[IM_PATCH])
+    image_col_token_id = property(lambda self: self._ids()[IM_COL])
+    image_start_token_id = property(lambda self: self._ids()[IM_START])
+    image_end_token_id = property(lambda self: self._ids()[IM_END])
 
     def _bos(self) -> int:
         # OLMo's tokenizer has no BOS: EOS separates; `or` as the original (an id 0 BOS also falls back to EOS)
