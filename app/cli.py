@@ -152,7 +152,7 @@ def estimate(
         return remote_estimate(model, revision=revision, bits=bits, group_size=group_size, avg_bits=avg_bits,
                                budget_gb=budget_gb, as_json=as_json, url=url, api_key=api_key)
     from mopeq_core.errors import MopeqError
-    from mopeq_core.estimate import estimate_local
+    from mopeq_core.meta_checkpoint import estimate_local
 
     try:
         est = estimate_local(Path(model), bits=parse_bits(bits) if bits else (2, 3, 4), group_size=group_size or 128,

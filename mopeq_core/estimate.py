@@ -464,20 +464,6 @@ def estimate_checkpoint(ck: Checkpoint, *, bits: Iterable[int] = (2, 3, 4), grou
     return est
 
 
-def estimate_local(path: Path, *, bits: Iterable[int] = (2, 3, 4), group_size: int = 128, symmetric: bool = True,
-                   trust_remote_code: bool = False) -> ModelEstimate:
-    """A local directory on this machine: from its safetensors headers, or, when it holds only ``config.json``, from
-    the model built on the meta device (``meta_checkpoint``; needs torch, so the web API never takes this path)."""
-    if path.is_dir() and (path / "config.json").is_file() and not any(
-            p.suffix in (".safetensors", *PICKLE_SUFFIXES) for p in path.iterdir()):
-        from .meta_checkpoint import inspect_config_only
-
-        ck = inspect_config_only(path, trust_remote_code=trust_remote_code)
-    else:
-        ck = inspect_local(path, trust_remote_code=trust_remote_code)
-    return estimate_checkpoint(ck, bits=bits, group_size=group_size, symmetric=symmetric)
-
-
 def estimate_model(model: str | Path, *, revision: str | None = None, token: str | None = None,
                    bits: Iterable[int] = (2, 3, 4), group_size: int = 128, symmetric: bool = True,
                    allow_pickle: bool = False, trust_remote_code: bool = False,

@@ -12,10 +12,19 @@ not import this module.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ModelNotFoundError, UnsupportedArchitectureError, UserInputError
-from .estimate import Checkpoint, Tensor, _check_config
+from .estimate import (
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    ModelEstimate,
+    Tensor,
+    _check_config,
+    estimate_checkpoint,
+    inspect_local,
+)
 from .loading import _read_config
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -60,3 +69,15 @@ def inspect_config_only(path: Path, *, trust_remote_code: bool = False, label: s
     tensors = [Tensor(name, _SAFETENSORS_DTYPE[dtype], tuple(p.shape), p.numel() * elem)
                for name, p in model.named_parameters()]  # remove_duplicate=True: tied weights once
     return Checkpoint(label or str(path), "local", None, raw, ["config.json"], tensors)
+
+
+def estimate_local(path: Path, *, bits: Iterable[int] = (2, 3, 4), group_size: int = 128, symmetric: bool = True,
+                   trust_remote_code: bool = False) -> ModelEstimate:
+    """A local directory on this machine: from its safetensors headers, or, when it holds only ``config.json``, from
+    the model built on the meta device (needs torch, so the web API never takes this path)."""
+    if path.is_dir() and (path / "config.json").is_file() and not any(
+            p.suffix in (".safetensors", *PICKLE_SUFFIXES) for p in path.iterdir()):
+        ck = inspect_config_only(path, trust_remote_code=trust_remote_code)
+    else:
+        ck = inspect_local(path, trust_remote_code=trust_remote_code)
+    return estimate_checkpoint(ck, bits=bits, group_size=group_size, symmetric=symmetric)

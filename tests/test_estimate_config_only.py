@@ -10,7 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from app.cli import app
-from mopeq_core.estimate import estimate_local
+from mopeq_core.meta_checkpoint import estimate_local
 
 REAL_CONFIGS = Path(__file__).resolve().parent / "fixtures" / "real_configs"
 
