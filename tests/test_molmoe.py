@@ -182,34 +182,15 @@ def test_real_size_config_has_the_published_parameter_count(real_size):
     assert 1.4e9 < active < 1.7e9, active
 
 
-def _header_only_checkpoint(model: torch.nn.Module, config: dict, out: Path) -> None:
-    """A real-size checkpoint directory whose safetensors file has the real header and a sparse (unwritten) body:
-    what ``mopeq estimate`` reads, without 14 GB of weights."""
-    import struct
-
-    header, offset = {}, 0
-    for name, p in model.state_dict().items():
-        n = p.numel() * 2
-        header[name] = {"dtype": "BF16", "shape": list(p.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(config))
-    with open(out / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-
-
-def test_mopeq_estimate_on_the_real_size_config(real_size, tmp_path):
-    """`mopeq estimate` on MolmoE-1B's config.json (auto_map included, no remote code allowed) and the checkpoint's
-    tensor layout: 16 MoE layers × 64 experts, 7.2B parameters within 1 %."""
-    from mopeq_core.estimate import estimate_model
+def test_mopeq_estimate_on_the_real_size_config(real_size):
+    """`mopeq estimate --local` on MolmoE-1B's config.json alone (auto_map included, no remote code allowed): the
+    native model built on the meta device, 16 MoE layers × 64 experts, 7.2B parameters within 1 %."""
+    from mopeq_core.meta_checkpoint import estimate_local
 
     raw, m = real_size
-    assert "auto_map" in raw
-    _header_only_checkpoint(m, raw, tmp_path / "molmoe-1b")
-    est = estimate_model(tmp_path / "molmoe-1b")
+    assert "auto_map" in raw and [p.name for p in REAL_CONFIG.parent.iterdir()] == ["config.json"]
+    est = estimate_local(REAL_CONFIG.parent)
     assert est.model_type == "molmo" and est.moe_layers == 16 and est.experts_per_layer == [64] * 16
+    assert est.total_params == sum(p.numel() for p in m.parameters())
     assert abs(est.total_params - 7.2e9) / 7.2e9 < 0.01, est.total_params
     assert est.expert_params == 16 * 64 * 3 * 2048 * 1024

@@ -1,10 +1,17 @@
-"""Native transformers-5 implementations of MoE checkpoints that otherwise need remote code.
+"""Native transformers-5 implementations of MoE models whose Hub repos ship only remote code.
 
-``register_all()`` registers them with transformers' Auto classes; a registered ``model_type`` wins over a
-checkpoint's ``auto_map``, so such checkpoints load without ``trust_remote_code``."""
+``register_all()`` registers each with transformers' Auto classes for its checkpoints' ``model_type``, so that
+``AutoConfig`` / ``AutoModel*`` / ``AutoProcessor`` resolve to our code and no repo code runs. It is idempotent and
+is called wherever a config is resolved or a model is built. A registered ``model_type`` wins over a checkpoint's
+``auto_map`` (``trust_for``): such checkpoints load without ``trust_remote_code``.
+"""
 
 from __future__ import annotations
 
+import importlib
+
+# Subpackages, each with a ``register()`` and a ``MODEL_TYPES`` tuple.
+NATIVE = ("molmoe",)
 _done = False
 
 
@@ -12,17 +19,14 @@ def register_all() -> None:
     global _done
     if _done:
         return
-    from . import molmoe
-
-    molmoe.register()
+    for name in NATIVE:
+        importlib.import_module(f"{__name__}.{name}").register()
     _done = True
 
 
 def native_model_types() -> set[str]:
-    """``model_type`` values served by these native implementations."""
-    from . import molmoe
-
-    return {molmoe.MODEL_TYPE}
+    """``model_type`` values served by the native implementations (importing them needs no torch)."""
+    return {t for name in NATIVE for t in importlib.import_module(f"{__name__}.{name}").MODEL_TYPES}
 
 
 def is_native(config: dict) -> bool:

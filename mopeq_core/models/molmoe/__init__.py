@@ -3,7 +3,7 @@ image processor and processor, registered with the Auto classes so the checkpoin
 
 from __future__ import annotations
 
-MODEL_TYPE = "molmo"
+MODEL_TYPES = ("molmo",)
 
 
 def register() -> None:
@@ -20,7 +20,7 @@ def register() -> None:
     from .modeling_molmoe import MolmoForCausalLM
     from .processing_molmoe import MolmoImageProcessor, MolmoProcessor
 
-    AutoConfig.register(MODEL_TYPE, MolmoConfig, exist_ok=True)
+    AutoConfig.register(MODEL_TYPES[0], MolmoConfig, exist_ok=True)
     AutoModelForCausalLM.register(MolmoConfig, MolmoForCausalLM, exist_ok=True)
     AutoModelForImageTextToText.register(MolmoConfig, MolmoForCausalLM, exist_ok=True)
     AutoImageProcessor.register(MolmoConfig, slow_image_processor_class=MolmoImageProcessor, exist_ok=True)
