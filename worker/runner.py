@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.core.security import forget_secret, redact, register_secret
 from app.db.models import Artifact, ExpertAllocation, Job, utcnow
-from app.services import tenant_files
+from app.services import job_settings, job_state, tenant_files
 from app.services.errors import error_code
 from app.services.events import add_event
 from app.services.storage import StoredFile, get_store, tree_bytes
@@ -126,11 +126,16 @@ class JobRun:
                 add_event(db, self.job_id, **event)
             return res.rowcount == 1
 
+    def _transition(self, db: Any, to: str, message: str, **values: Any) -> bool:
+        """This worker's claimed job from running to ``to`` (the state machine writes it with its event)."""
+        return job_state.transition(db, self.job_id, to, expect="running",
+                                    where=(Job.worker_id == self.ctx.worker_id,), message=message,
+                                    event_stage=self.stage, timings=self.timings, **values)
+
     def _finish(self, status: str, message: str, *, error: str | None = None, code: str | None = None,
                 **values: Any) -> bool:
-        ok = self._update({"kind": "status", "status": status, "stage": self.stage, "message": message},
-                          status=status, finished_at=utcnow(), hf_token_enc=None, error=error, error_code=code,
-                          timings=self.timings, **values)
+        with self.ctx.factory() as db, db.begin():
+            ok = self._transition(db, status, message, error=error, error_code=code, **values)
         if not ok:
             log.warning("job %s: could not record '%s' (claim lost)", self.job_id, status)
         return ok
@@ -215,13 +220,7 @@ class JobRun:
         self.timings = dict(job.timings or {})
         self.stage = job.stage
         self.attempt = job.attempts
-        resumed = job.attempts > 1
         try:
-            self._update({"kind": "status", "status": "running", "stage": job.stage,
-                          "message": (f"resumed by worker {self.ctx.worker_id} (attempt {job.attempts}); finished "
-                                      "stages are skipped" if resumed else
-                                      f"started on worker {self.ctx.worker_id}")},
-                         started_at=job.started_at or utcnow())
             if job.hf_token_enc:
                 self.token = self.ctx.keyring.decrypt(job.hf_token_enc)
                 register_secret(self.token)
@@ -296,14 +295,10 @@ class JobRun:
                 return "released"
         self._close_stage()
         with self.ctx.factory() as db, db.begin():
-            res = db.execute(update(Job).where(*self._mine()).values(
-                status="cancelled", finished_at=utcnow(), hf_token_enc=None, error="cancelled by the user",
-                error_code="cancelled", timings=self.timings, updated_at=utcnow()))
-            if res.rowcount:
+            if self._transition(db, "cancelled", "cancelled; its files were removed", error="cancelled by the user",
+                                error_code="cancelled"):
                 db.execute(delete(ExpertAllocation).where(ExpertAllocation.job_id == self.job_id))
                 db.execute(delete(Artifact).where(Artifact.job_id == self.job_id))
-                add_event(db, self.job_id, "status", status="cancelled", stage=self.stage,
-                          message="cancelled; its files were removed")
         remove_job_files(self.ctx, self.job_id)
         return "cancelled"
 
@@ -311,11 +306,8 @@ class JobRun:
         try:
             with self.ctx.factory() as db, db.begin():
                 # A Celery retry publishes the task again itself (enqueued_at set); otherwise publish below.
-                res = db.execute(update(Job).where(*self._mine()).values(
-                    status="queued", worker_id=None, heartbeat_at=None, timings=self.timings,
-                    enqueued_at=None if republish else utcnow(), updated_at=utcnow()))
-                if res.rowcount:
-                    add_event(db, self.job_id, "status", status="queued", stage=self.stage, message=message)
+                self._transition(db, "queued", message, worker_id=None, heartbeat_at=None,
+                                 enqueued_at=None if republish else utcnow())
         except Exception as exc:  # noqa: BLE001 - the database may be what failed; the sweep recovers it later
             log.warning("job %s: could not release the claim (%s)", self.job_id, type(exc).__name__)
             return
@@ -326,8 +318,6 @@ class JobRun:
 
     # ---- pieces ----------------------------------------------------------------------------------------------------
     def _config(self, job: Job):
-        from mopeq_core.config import Budget, QuantizeConfig
-
         if job.model_source == "local":
             # The engine reads a private copy made from files checked as they were opened, never the tenant's
             # directory itself (app.services.tenant_files); data files are checked the same way.
@@ -337,23 +327,11 @@ class JobRun:
             model, revision = str(view), None
         else:
             model, revision = job.model, job.resolved_revision or job.revision
-        for what, data in (("calibration file", job.calib_file), ("evaluation file", job.eval_file)):
+        cfg = job_settings.to_config(job.settings, model=model, revision=revision, device=self._device(),
+                                     allow_pickle=self.s.ALLOW_PICKLE, token=self.token)
+        for what, data in (("calibration file", cfg.calib_file), ("evaluation file", cfg.eval_file)):
             if data:
                 tenant_files.check_file(Path(data), self.s.model_roots, where=what)
-        opts = job.options or {}
-        cfg = QuantizeConfig(
-            model=model, revision=revision, budget=Budget(avg_bits=job.budget_avg_bits, gb=job.budget_gb),
-            bits=tuple(job.bits), sensitivity=job.sensitivity, allocator=job.allocator, scope=job.scope,
-            granularity=job.granularity, quantizer=job.quantizer, cost=opts.get("cost", "output"),
-            sequential=bool(opts.get("sequential", True)), group_size=job.group_size,
-            symmetric=job.symmetric, act_order=bool(opts.get("act_order", False)), probes=job.probes,
-            calib_file=job.calib_file, calib_samples=job.calib_samples, seq_len=job.seq_len,
-            eval_file=job.eval_file, eval_samples=job.eval_samples,
-            eval_suites=tuple(opts.get("eval_suites") or ()), eval_suite_limit=opts.get("eval_suite_limit"),
-            device=self._device(),
-            low_memory=bool(opts.get("low_memory", False)), format=job.format,
-            trust_remote_code=job.trust_remote_code, allow_pickle=self.s.ALLOW_PICKLE,
-            seed=int(opts.get("seed", 0)), token=self.token)
         cfg.validate()
         return cfg
 
@@ -507,7 +485,7 @@ class JobRun:
         from worker.push import push_folder
 
         avg = (json.loads((self.out_dir / "bitmap.json").read_text()).get("avg_bits")
-               if (self.out_dir / "bitmap.json").is_file() else job.budget_avg_bits)
+               if (self.out_dir / "bitmap.json").is_file() else job.settings["budget"]["avg_bits"])
         try:
             res = push_folder(self.out_dir, model=job.model, avg_bits=avg, token=self.token,
                               repo_id=job.push_repo_id, private=job.push_private)

@@ -118,6 +118,10 @@ class JobOut(BaseModel):
     model: str
     revision: str | None
     resolved_revision: str | None
+    retry_of: str | None = Field(None, description="The failed or cancelled job this one retries")
+    settings: dict[str, Any] = Field(default_factory=dict,
+                                     description='The job\'s settings document ({"version": 1, ...}: the engine '
+                                                 "config's field names); the fields below are views of it")
     budget: BudgetOut
     bits: list[int]
     sensitivity: str
