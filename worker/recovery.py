@@ -89,10 +89,17 @@ def dead_worker_ids(ctx: WorkerContext) -> set[str]:
     return dead
 
 
-def remove_job_files(ctx: WorkerContext, job_id: str) -> None:
+def remove_job_files(ctx: WorkerContext, job_id: str, keep_stages: bool = False) -> None:
     """The job's files in this worker's work dir and everything stored for it, after its file artifact rows (a job
-    that failed after recording them, e.g. in its push, lists no file that is gone). Hub pushes stay listed."""
-    shutil.rmtree(ctx.settings.work_dir / job_id, ignore_errors=True)
+    that failed after recording them, e.g. in its push, lists no file that is gone). Hub pushes stay listed.
+    ``keep_stages``: a failed or cancelled job's stage files stay (MOPEQ_RETRY_STATE_HOURS) for a retry to reuse."""
+    work = ctx.settings.work_dir / job_id
+    if keep_stages and ctx.settings.RETRY_STATE_HOURS > 0 and (work / "state").is_dir():
+        for p in work.iterdir():
+            if p.name != "state":
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     try:
         with ctx.factory() as db, db.begin():
             db.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "file"))
@@ -140,7 +147,7 @@ def sweep(ctx: WorkerContext) -> dict[str, int]:
                                         message=f"worker {who} lost; job cancelled", error_code="cancelled",
                                         error="cancelled (its worker was lost)", finished_at=now):
                     counts["cancelled"] += 1
-                    remove_job_files(ctx, job.id)
+                    remove_job_files(ctx, job.id, keep_stages=True)
                 continue
             if job.recoveries >= s.MAX_RECOVERIES:
                 msg = (f"its worker was lost {job.recoveries + 1} times (last: {who}); giving up after "
@@ -148,7 +155,7 @@ def sweep(ctx: WorkerContext) -> dict[str, int]:
                 if job_state.transition(db, job.id, "failed", expect="running", where=mine, message=msg, error=msg,
                                         error_code="worker_lost", finished_at=now):
                     counts["failed"] += 1
-                    remove_job_files(ctx, job.id)
+                    remove_job_files(ctx, job.id, keep_stages=True)
                 continue
             requeued = job_state.transition(
                 db, job.id, "queued", expect="running", where=mine, event_stage=job.stage,
@@ -160,9 +167,26 @@ def sweep(ctx: WorkerContext) -> dict[str, int]:
     for job_id in unpublished:
         if _publish(ctx, job_id):
             counts["published"] += 1
+    counts["pruned"] = prune_work_dirs(ctx, now)
     if any(counts.values()):
         log.info("recovery sweep: %s", counts)
     return counts
+
+
+def prune_work_dirs(ctx: WorkerContext, now: dt.datetime) -> int:
+    """Remove the work dirs of jobs that are gone (deleted, expired), and the stage files kept for a retry once the
+    job finished more than MOPEQ_RETRY_STATE_HOURS ago. Returns how many went."""
+    root = ctx.settings.work_dir
+    names = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    if not names:
+        return 0
+    cutoff = now - dt.timedelta(hours=ctx.settings.RETRY_STATE_HOURS)
+    with ctx.factory() as db:
+        rows = dict(db.execute(select(Job.id, Job.finished_at).where(Job.id.in_(names))).tuples().all())
+    gone = [n for n in names if n not in rows or (rows[n] is not None and rows[n] < cutoff)]
+    for name in gone:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return len(gone)
 
 
 def _forget_lost_publishes(ctx: WorkerContext) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import hashlib
 import json
 import logging
 import shutil
@@ -230,10 +231,12 @@ class JobRun:
             self._check_disk(job)
             from mopeq_core.engine import run
 
+            if job.retry_of:
+                self._adopt_stages(job.retry_of)
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             result = run(cfg, self.out_dir, state_dir=self.state_dir, on_event=self.on_event,
-                         should_cancel=self.should_cancel)
+                         should_cancel=self.should_cancel, model_identity=self._model_identity(job, cfg))
             self._check_quota_after_export()
             self._close_stage()
             self._hide_server_paths(job)
@@ -249,7 +252,7 @@ class JobRun:
         except UserInputError as exc:
             msg = redact(str(exc))
             self._finish("failed", f"failed: {msg}", error=msg, code=error_code(exc))
-            remove_job_files(self.ctx, self.job_id)
+            remove_job_files(self.ctx, self.job_id, keep_stages=True)
             return "failed"
         except DiskSpaceError as exc:
             self._finish("failed", f"failed: {exc}", error=str(exc), code="disk_space")
@@ -267,7 +270,7 @@ class JobRun:
             log.exception("job %s failed in stage %s", self.job_id, self.stage)
             msg = redact(f"internal error in stage {self.stage or 'setup'}: {type(exc).__name__}: {exc}")[:2000]
             self._finish("failed", msg, error=msg, code="internal")
-            remove_job_files(self.ctx, self.job_id)
+            remove_job_files(self.ctx, self.job_id, keep_stages=True)
             return "failed"
 
     def _close_stage(self) -> None:
@@ -284,7 +287,7 @@ class JobRun:
         if self.timed_out:
             msg = f"job timed out after {self.s.JOB_TIMEOUT_S} s (MOPEQ_JOB_TIMEOUT_S)"
             self._finish("failed", msg, error=msg, code="timeout")
-            remove_job_files(self.ctx, self.job_id)
+            remove_job_files(self.ctx, self.job_id, keep_stages=True)
             return "failed"
         if self.ctx.shutdown.is_set() and not self.cancel_flag:
             with self.ctx.factory() as db:
@@ -299,7 +302,7 @@ class JobRun:
                                 error_code="cancelled"):
                 db.execute(delete(ExpertAllocation).where(ExpertAllocation.job_id == self.job_id))
                 db.execute(delete(Artifact).where(Artifact.job_id == self.job_id))
-        remove_job_files(self.ctx, self.job_id)
+        remove_job_files(self.ctx, self.job_id, keep_stages=True)
         return "cancelled"
 
     def _release(self, message: str, republish: bool = False) -> None:
@@ -334,6 +337,36 @@ class JobRun:
                 tenant_files.check_file(Path(data), self.s.model_roots, where=what)
         cfg.validate()
         return cfg
+
+    def _model_identity(self, job: Job, cfg: Any) -> str:
+        """What the engine's stage fingerprint names as the model: the model as submitted, with the size and mtime
+        of its files when local (the per-job snapshot's path changes, its files may not) and of the data files."""
+        files: list[tuple[str, Path]] = []
+        if job.model_source == "local":
+            files += tenant_files.model_files(Path(job.model_path or job.model), self.s.model_roots, where=job.model)
+        files += [(p, Path(p)) for p in (cfg.calib_file, cfg.eval_file) if p]
+        h = hashlib.sha256()
+        for name, path in sorted(files):
+            st = path.stat()
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        return f"{job.model}@{h.hexdigest()[:32]}"
+
+    def _adopt_stages(self, old_id: str) -> None:
+        """A retry starts from the stage files its failed or cancelled job left on this worker (the engine reuses
+        those whose fingerprint, i.e. inputs and settings, still match). Not here (another machine, pruned): the
+        job starts from the beginning. An attempt that already has stage files of its own keeps them."""
+        src = self.s.work_dir / old_id / "state"
+        if (self.state_dir / "config.sha256").exists() or not (src / "config.sha256").is_file():
+            return
+        try:
+            shutil.copytree(src, self.state_dir, dirs_exist_ok=True)
+        except OSError as exc:  # pruned meanwhile: start fresh
+            log.warning("job %s: could not copy the stage files of job %s (%s)", self.job_id, old_id, exc)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            return
+        done = [s for s in STAGE_ORDER if (self.state_dir / f"{s}.done").exists()]
+        self._update({"kind": "log", "message": f"retry of job {old_id}: its finished stages ({', '.join(done)}) "
+                                                "are reused where the inputs are unchanged"})
 
     def _device(self) -> str:
         dev = self.s.WORKER_DEVICE

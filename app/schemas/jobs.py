@@ -100,6 +100,13 @@ class JobCreate(Strict):
                                                         "signature with the secret, retried with backoff)")
 
 
+class JobRetry(Strict):
+    hf_token: HubToken | None = Field(None, max_length=1000,
+                                      json_schema_extra={"writeOnly": True, "pattern": TOKEN_PATTERN},
+                                      description="A Hub token for the new job (the old job's was deleted when it "
+                                                  "ended); needed when the job pushes or reads a gated model")
+
+
 class BudgetOut(BaseModel):
     avg_bits: float | None
     gb: float | None

@@ -196,6 +196,38 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
     return Created(202, out, job.id, replayed=False, enqueue=True, queue=queue)
 
 
+RETRYABLE = ("failed", "cancelled")
+
+
+def retry_job(factory: sessionmaker[Session], keyring: Keyring, who: Principal, job_id: str,
+              token: str | None) -> Created:
+    """A failed or cancelled job again, as a new queued job with the same model (pinned to the same commit) and
+    settings document, linked by ``retry_of``; the worker reuses its finished stages where it still has them."""
+    with factory() as db:
+        old = get_owned(db, who, job_id)
+        if old.owner_key_id != who.key_id:
+            raise not_found()  # a job is retried by its owner only, admins included
+        if old.status not in RETRYABLE:
+            raise ServiceError(409, "not_retryable", f"job {old.id} is {old.status}; only a failed or cancelled job "
+                                                     "can be retried")
+        db.expunge(old)
+    if old.push_requested and not token:
+        raise ServiceError(422, "invalid_input", f"job {old.id} pushes to the Hub: send an hf_token for the retry "
+                                                 "(the old job's token was deleted when it ended)")
+    job = Job(owner_key_id=who.key_id, model=old.model, model_source=old.model_source, model_path=old.model_path,
+              revision=old.revision, resolved_revision=old.resolved_revision, settings=dict(old.settings),
+              retry_of=old.id, push_requested=old.push_requested, push_repo_id=old.push_repo_id,
+              push_private=old.push_private, hf_token_enc=keyring.encrypt(token) if token else None,
+              est_download_bytes=old.est_download_bytes, est_output_bytes=old.est_output_bytes,
+              est_memory_bytes=old.est_memory_bytes, queue=old.queue, timings={})
+    with factory() as db, db.begin():
+        limits.admit(db, who.key_id, who.max_concurrent_jobs)  # first: it takes the key's lock
+        job_state.new_job(db, job, message=f"job queued (retry of {old.id})")
+        out = job_out(job).model_dump(mode="json")
+    log.info("job %s retries job %s", job.id, old.id)
+    return Created(202, out, job.id, replayed=False, enqueue=True, queue=job.queue)
+
+
 def queue_of(factory: sessionmaker[Session], job_id: str) -> str | None:
     """The queue the job was routed to at submit (None: the deployment's default)."""
     with factory() as db:
