@@ -181,6 +181,7 @@ ROUTES = {
     ("POST", "/v1/jobs"): USER, ("GET", "/v1/jobs"): USER, ("POST", "/v1/estimate"): USER,
     ("GET", "/v1/jobs/{job_id}"): OWNED_JOB, ("DELETE", "/v1/jobs/{job_id}"): OWNED_JOB,
     ("POST", "/v1/jobs/{job_id}/cancel"): OWNED_JOB,
+    ("POST", "/v1/jobs/{job_id}/retry"): OWNED_JOB,
     ("GET", "/v1/jobs/{job_id}/events"): OWNED_JOB, ("GET", "/v1/jobs/{job_id}/bitmap"): OWNED_JOB,
     ("GET", "/v1/jobs/{job_id}/allocations"): OWNED_JOB, ("GET", "/v1/jobs/{job_id}/artifacts"): OWNED_JOB,
     ("GET", "/v1/jobs/{job_id}/artifacts/{name}"): OWNED_JOB, ("GET", "/v1/jobs/{job_id}/webhooks"): OWNED_JOB,
