@@ -298,8 +298,8 @@ class JobRun:
                 return "released"
         self._close_stage()
         with self.ctx.factory() as db, db.begin():
-            if self._transition(db, "cancelled", "cancelled; its files were removed", error="cancelled by the user",
-                                error_code="cancelled"):
+            if self._transition(db, "cancelled", "cancelled; its files were removed (its stage files stay for a retry)",
+                                error="cancelled by the user", error_code="cancelled"):
                 db.execute(delete(ExpertAllocation).where(ExpertAllocation.job_id == self.job_id))
                 db.execute(delete(Artifact).where(Artifact.job_id == self.job_id))
         remove_job_files(self.ctx, self.job_id, keep_stages=True)
