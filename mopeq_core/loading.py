@@ -50,6 +50,11 @@ def _check_files(names: list[str], where: str, allow_pickle: bool) -> None:
 
 
 def check_config(config: dict, where: str, trust_remote_code: bool) -> None:
+    from .models import is_native, register_all
+
+    register_all()
+    if is_native(config):  # a native implementation: no remote code, whatever the auto_map says
+        return
     if "auto_map" in config and not trust_remote_code:
         raise RemoteCodeRequiredError(
             f"{where} needs remote code (its config.json has auto_map: {sorted(config['auto_map'])}). Remote code "
@@ -199,9 +204,11 @@ def load_model(path: Path, *, device: str = "cpu", dtype=None, trust_remote_code
     import torch
     from transformers import AutoConfig
 
+    from .models import trust_for
     from .multimodal import auto_model_class
 
     dtype = dtype or torch.float32
+    trust_remote_code = trust_for(path, trust_remote_code)  # a native model_type wins over auto_map
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model, info = auto_model_class(config).from_pretrained(

@@ -69,7 +69,10 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False):
     """The model's processor when it has an image processor, else None (text-only models)."""
     from transformers import AutoProcessor
 
+    from .models import trust_for
+
     path = Path(path)
+    trust_remote_code = trust_for(path, trust_remote_code)
     if not any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         return None
     try:

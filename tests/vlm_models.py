@@ -3,11 +3,11 @@
 - ``build_qwen3_vl_moe``: transformers' own Qwen3-VL-MoE (vision tower with deepstack merger + MoE text model), random
   weights, with a real ``Qwen3VLProcessor`` (Qwen2-VL image processor, the shipped tokenizer plus Qwen's vision
   tokens, a Qwen-style chat template).
-- ``build_deepseek_vl2_standin`` / ``build_molmoe_standin``: remote-code model directories (``auto_map`` and the
-  modeling file from ``tests/standins/``) whose language models reproduce DeepSeek-VL2's DeepSeekMoE and MolmoE's
-  OLMoE-style MoE (``nn.ModuleList`` of ``nn.Linear`` experts); their vision towers are stubs (a patch convolution
-  and a projector MLP). Their processor is transformers' ``LlavaProcessor`` (CLIP image processor, one placeholder
-  token per 8×8 patch of a 32×32 image).
+- ``build_deepseek_vl2_standin``: a remote-code model directory (``auto_map`` and the modeling file from
+  ``tests/standins/``) whose language model reproduces DeepSeek-VL2's DeepSeekMoE (``nn.ModuleList`` of
+  ``nn.Linear`` experts); its vision tower is a stub (a patch convolution and a projector MLP), its processor
+  transformers' ``LlavaProcessor`` (CLIP image processor, one placeholder token per 8×8 patch of a 32×32 image).
+- ``build_molmoe``: the native MolmoE (``mopeq_core.models.molmoe``, no remote code) with its own processor.
 
 All use the tokenizer of the shipped ``models/mopeq-tiny-moe`` with added special tokens.
 """
@@ -118,15 +118,32 @@ def build_deepseek_vl2_standin(root: Path, *, seed: int = 0, **config_overrides)
                         "DeepseekVL2StandInForCausalLM")
 
 
-def build_molmoe_standin(root: Path, *, seed: int = 0) -> Path:
-    """MolmoE-1B-shaped stand-in scaled down: 2 blocks × 16 experts top-4 (MolmoE-1B: 64 experts, top-8)."""
-    mod = _import_standin("modeling_molmoe_standin.py")
-    tok = tokenizer(["<im_patch>", "<im_start>", "<im_end>", "<im_col>"])
+def build_molmoe(root: Path, *, seed: int = 0) -> Path:
+    """Native MolmoE (mopeq_core.models.molmoe) scaled down: 2 blocks × 16 experts top-4 (MolmoE-1B: 16 × 64,
+    top-8), a 3-block ViT on 98px crops of 7×7 patches with two layers concatenated, 2×2 attention pooling and the
+    SwiGLU connector; its real processor (overlapping crops + global view, up to 2 crops)."""
+    from mopeq_core.models import register_all
+    from mopeq_core.models.molmoe.configuration_molmoe import MolmoConfig
+    from mopeq_core.models.molmoe.modeling_molmoe import MolmoForCausalLM
+    from mopeq_core.models.molmoe.processing_molmoe import EXTRA_TOKENS, MolmoImageProcessor, MolmoProcessor
+
+    register_all()
     base = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    cfg = mod.MolmoeStandInConfig(vocab_size=len(base), additional_vocab_size=len(tok) - len(base) + 4,
-                                  image_patch_id=tok.convert_tokens_to_ids("<im_patch>"),
-                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    tok = tokenizer(list(EXTRA_TOKENS))
+    vision = {"image_default_input_size": [98, 98], "image_patch_size": 14, "image_emb_dim": 16,
+              "image_num_heads": 2, "image_num_key_value_heads": 2, "image_head_dim": 8, "image_mlp_dim": 32,
+              "image_num_layers": 3, "image_num_pos": 50}
+    cfg = MolmoConfig(d_model=32, n_heads=4, n_layers=2, mlp_hidden_size=64, vocab_size=len(base),
+                      embedding_size=len(base), additional_vocab_size=8, moe_num_experts=16, moe_top_k=4,
+                      vit_layers=[-1, -3], vision_backbone=vision, max_position_embeddings=1024,
+                      initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
-    model = mod.MolmoeStandInForCausalLM(cfg).eval()
-    return _save_remote(model, _llava_processor(tok, "<im_patch>", None), root / "molmoe_standin",
-                        "modeling_molmoe_standin.py", "MolmoeStandInConfig", "MolmoeStandInForCausalLM")
+    model = MolmoForCausalLM(cfg).eval()
+    ip = MolmoImageProcessor(max_crops=2, overlap_margins=[2, 1], base_image_input_size=[98, 98],
+                             image_token_length_w=4, image_token_length_h=4, image_patch_size=14)
+    out = root / "molmoe"
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    MolmoProcessor(ip, tok).save_pretrained(out)
+    return out

@@ -1,12 +1,12 @@
 """per-key storage quota
 
 Revision ID: 0006b
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-02
 
 Issue 12: ``api_keys.storage_quota_bytes`` is the most artifact bytes a key may hold (stored files plus the
 estimated output of its unfinished jobs), set by an admin; NULL (every existing key) means no quota. Only this
-column: the migration is self-contained so that it can be chained after any other 0006.
+column (self-contained; chained after 0006, the job settings document).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0006b'
-down_revision = '0005'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 

@@ -265,7 +265,7 @@ def test_0006b_adds_the_quota_column_to_existing_keys_and_downgrades(migration_d
 
     from app.db.migrate import downgrade, upgrade
 
-    upgrade(db_url, "0005")
+    upgrade(db_url, "0006")
     eng = create_engine(db_url)
     try:
         with eng.begin() as conn:
@@ -277,7 +277,7 @@ def test_0006b_adds_the_quota_column_to_existing_keys_and_downgrades(migration_d
             assert tuple(row) == ("old", None)  # existing keys: no quota
             conn.execute(text("UPDATE api_keys SET storage_quota_bytes = 5000000000000 WHERE id = 'k1'"))  # > 2**32
             assert conn.execute(text("SELECT storage_quota_bytes FROM api_keys")).scalar_one() == 5_000_000_000_000
-        downgrade(db_url, "0005")
+        downgrade(db_url, "0006")
         assert "storage_quota_bytes" not in {c["name"] for c in inspect(eng).get_columns("api_keys")}
         with eng.connect() as conn:
             assert conn.execute(text("SELECT name FROM api_keys WHERE id = 'k1'")).scalar_one() == "old"
