@@ -21,10 +21,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('api_keys', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('storage_quota_bytes', sa.BigInteger(), nullable=True))
+    op.add_column('api_keys', sa.Column('storage_quota_bytes', sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('api_keys', schema=None) as batch_op:
-        batch_op.drop_column('storage_quota_bytes')
+    # A plain DROP COLUMN (SQLite >= 3.35 has it): batch mode would rebuild api_keys, which the jobs of existing
+    # keys reference, and SQLite's foreign keys refuse that.
+    op.execute('ALTER TABLE api_keys DROP COLUMN storage_quota_bytes')

@@ -348,7 +348,7 @@ def test_retry_makes_a_linked_job_with_the_same_settings(api: Api) -> None:
     assert (new["status"], new["retry_of"], new["model"]) == ("queued", old["id"], old["model"])
     assert new["id"] != old["id"] and new["settings"] == old["settings"]
     assert new["settings"]["version"] == 1 and new["settings"]["calib_samples"] == 3
-    assert new["calibration"] == old["calibration"] == {"file": None, "samples": 3, "seq_len": 24}
+    assert new["calibration"] == old["calibration"] == {"file": None, "samples": 3, "seq_len": 24, "all_experts": False}
     with api.engine.connect() as conn:
         msgs = conn.execute(select(JobEvent.message).where(JobEvent.job_id == new["id"])).scalars().all()
     assert msgs == [f"job queued (retry of {old['id']})"]
