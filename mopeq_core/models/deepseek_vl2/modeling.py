@@ -517,30 +517,34 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
         return torch.stack(out)
 
     # -- forward --------------------------------------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, images=None, images_seq_mask=None, images_spatial_crop=None, labels=None,
-                use_cache=None, cache_position=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                images=None, images_seq_mask=None, images_spatial_crop=None, labels=None, use_cache=None,
+                logits_to_keep=0, past_key_values=None, **kwargs):
+        """``cache`` (transformers 5.24's name; ``past_key_values`` is the older one): a ``Cache`` whose layer i
+        holds (rotary keys, latents) for MLA or (keys, values) for MHA."""
         if inputs_embeds is None:
             inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        hidden = self.language.model(inputs_embeds, attention_mask, position_ids,
-                                     past_key_values if use_cache else None)
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = cache is not None
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        hidden = self.language.model(inputs_embeds, attention_mask, position_ids, cache if use_cache else None)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
         logits = self.language.lm_head(hidden[:, keep])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      cache_position=None, images=None, images_seq_mask=None,
-                                      images_spatial_crop=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
-                                                       attention_mask=attention_mask,
-                                                       cache_position=cache_position, **kwargs)
-        first = past_key_values is None or past_key_values.get_seq_length() == 0
-        if first:  # the image features enter with the prompt; later steps only extend the cache
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, is_first_iteration=False, images=None,
+                                      images_seq_mask=None, images_spatial_crop=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or cache is None or cache.get_seq_length() == 0:
+            # the image features enter with the prompt; later steps only extend the cache
             inputs.update(images=images, images_seq_mask=images_seq_mask, images_spatial_crop=images_spatial_crop)
         return inputs

@@ -22,14 +22,16 @@ from transformers import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
+GROUNDING_TOKENS = ["<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"]
+CHAT_TOKENS = ["<|User|>", "<|Assistant|>"]
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}"
     "{%- if m['content'] is string -%}{%- set text = m['content'] -%}{%- else -%}{%- set text = namespace(s='') -%}"
     "{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}{%- set text.s = text.s + '<image>\\n' -%}"
     "{%- elif c['type'] == 'text' -%}{%- set text.s = text.s + c['text'] -%}{%- endif -%}{%- endfor -%}"
     "{%- set text = text.s -%}{%- endif -%}"
-    "{%- if m['role'] == 'system' -%}{{ text | trim }}\n\n"
-    "{%- elif m['role'] == 'user' -%}<|User|>: {{ text | trim }}\n\n"
+    "{%- if m['role'] == 'system' -%}{{ text | trim }}{{ '\\n\\n' }}"
+    "{%- elif m['role'] == 'user' -%}<|User|>: {{ text | trim }}{{ '\\n\\n' }}"
     "{%- else -%}<|Assistant|>: {{ text | trim }}{{ eos_token }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|Assistant|>:{%- endif -%}")
@@ -117,9 +119,12 @@ class DeepseekVLV2Processor(ProcessorMixin):
         self.image_token = image_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
         if tokenizer is not None:
-            missing = [t for t in (image_token, "<|User|>", "<|Assistant|>") if t not in tokenizer.get_vocab()]
-            if missing:
-                tokenizer.add_special_tokens({"additional_special_tokens": missing})
+            # the published processor's special tokens, added in its order (Hub tokenizers already have them)
+            vocab = tokenizer.get_vocab()
+            for group in ([image_token], GROUNDING_TOKENS, CHAT_TOKENS):
+                missing = [t for t in group if t not in vocab]
+                if missing:
+                    tokenizer.add_special_tokens({"additional_special_tokens": missing})
             self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
     def _encode(self, text: str, images: list, cropping: bool):

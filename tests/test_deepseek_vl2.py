@@ -1,0 +1,179 @@
+"""Native DeepSeek-VL2 against the real code: fixtures made by scripts/vlm_reference/make_deepseek_vl2_fixtures.py
+(the published deepseek-ai/DeepSeek-VL2 model run on tiny random configs; see the fixtures' README). Our model loads
+each fixture's state dict key for key and reproduces its logits (float32, 1e-5) and its expert routing; our
+processor reproduces the real processor's tokens, image tiles and image mask. Also: real-size configs, registration,
+and what save/load keeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mopeq_core.models import register_all
+from mopeq_core.models.deepseek_vl2.configuration import DeepseekVLV2Config
+from mopeq_core.models.deepseek_vl2.modeling import DeepseekVL2MoEGate, DeepseekVLV2ForCausalLM
+from mopeq_core.models.deepseek_vl2.processing import (
+    DeepseekVL2ImageProcessor,
+    DeepseekVLV2Processor,
+    select_best_resolution,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "vlm_reference" / "deepseek_vl2"
+REAL_CONFIGS = REPO / "tests" / "fixtures" / "real_configs"
+VARIANTS = ["mha_greedy", "mla_group_limited", "mla_noaux_vision"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    register_all()
+    yield
+    torch.set_num_threads(n)
+
+
+def _fixture(name):
+    t = load_file(str(FIXTURES / f"{name}.safetensors"))
+    meta = json.loads((FIXTURES / f"{name}.json").read_text())
+    pick = {p: {k[len(p) + 1:]: v for k, v in t.items() if k.startswith(p + ".")} for p in ("state", "input", "routing")}
+    return meta, pick["state"], pick["input"], t["logits"], {int(k): v for k, v in pick["routing"].items()}
+
+
+def _model(meta, state):
+    cfg = DeepseekVLV2Config(**meta["config"])
+    model = DeepseekVLV2ForCausalLM(cfg).eval()
+    res = model.load_state_dict(state, strict=False)
+    return model, res
+
+
+def _run_with_routing(model, inputs):
+    routing, hooks = {}, []
+    for i, layer in enumerate(model.language.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if isinstance(gate, DeepseekVL2MoEGate):
+            hooks.append(gate.register_forward_hook(lambda m, a, out, i=i: routing.__setitem__(i, out[0])))
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, routing
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_matches_the_real_code(name):
+    meta, state, inputs, real_logits, real_routing = _fixture(name)
+    assert meta["real_commit"] and meta["real_commit"] != "unknown"
+    model, res = _model(meta, state)
+    assert not res.missing_keys and not res.unexpected_keys  # key for key
+    inputs.pop("image_token_id", None)
+    logits, routing = _run_with_routing(model, inputs)
+    torch.testing.assert_close(logits, real_logits, rtol=0, atol=1e-5)
+    assert sorted(routing) == sorted(real_routing) and routing
+    for i, idx in routing.items():  # the same experts for every token (top-k order is unspecified: sorted=False)
+        assert torch.equal(idx.sort(-1).values, real_routing[i].sort(-1).values), f"layer {i}"
+    if "vision" in name:  # the image path ran: image positions carry features, not token embeddings
+        assert int(inputs["images_spatial_crop"].sum()) > 0 and int(inputs["images_seq_mask"].sum()) > 0
+
+
+def test_routing_and_layout_variants_are_covered():
+    langs = {n: _fixture(n)[0]["config"]["language_config"] for n in VARIANTS}
+    assert {c["use_mla"] for c in langs.values()} == {True, False}
+    assert {c["topk_method"] for c in langs.values()} == {"greedy", "group_limited_greedy", "noaux_tc"}
+    assert {c["scoring_func"] for c in langs.values()} == {"softmax", "sigmoid"}
+    assert any(c.get("moe_layer_freq", 1) == 2 for c in langs.values())
+    assert any(c.get("q_lora_rank") for c in langs.values()) and any(c.get("rope_scaling") for c in langs.values())
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(REPO / "models" / "mopeq-tiny-moe"))
+
+
+def _processor(meta):
+    cfg = meta["config"]
+    ip = DeepseekVL2ImageProcessor(candidate_resolutions=cfg["candidate_resolutions"],
+                                   patch_size=cfg["vision_config"]["patch_size"],
+                                   downsample_ratio=cfg["projector_config"]["downsample_ratio"])
+    return DeepseekVLV2Processor(image_processor=ip, tokenizer=_tokenizer())
+
+
+def test_processor_matches_the_real_processor():
+    from PIL import Image
+
+    meta, _, inputs, _, _ = _fixture("mla_noaux_vision")
+    proc = _processor(meta)
+    assert proc.image_token_id == int(inputs["image_token_id"])
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                         {"type": "text", "text": "What do the two pictures show?"}]}]
+    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == meta["prompt"]
+    images = [Image.open(REPO / "data" / "vlm" / "images" / n).convert("RGB") for n in meta["images"]]
+    enc = proc(text=[text], images=images)
+    assert torch.equal(enc["input_ids"], inputs["input_ids"])
+    assert torch.equal(enc["images_seq_mask"], inputs["images_seq_mask"])
+    assert torch.equal(enc["images_spatial_crop"], inputs["images_spatial_crop"])
+    torch.testing.assert_close(enc["images"], inputs["images"], rtol=0, atol=0)
+    assert torch.equal(enc["attention_mask"].bool(), inputs["attention_mask"].bool())
+
+
+def test_best_resolution_and_token_count():
+    cands = [[384, 384], [384, 768], [768, 384], [768, 768], [1152, 384]]
+    assert select_best_resolution((1000, 300), cands) == (1152, 384)
+    assert select_best_resolution((300, 700), cands) == (384, 768)
+    assert select_best_resolution((100, 100), cands) == (384, 384)  # same coverage: the least padding wins
+    ip = DeepseekVL2ImageProcessor(candidate_resolutions=cands, patch_size=14, downsample_ratio=2)
+    # VL2 at 384 px: 27×27 patches -> 14×14 tokens per tile; global 14·15, separator, 2 tiles wide 14·29
+    assert ip.num_image_tokens(2, 1) == 14 * 15 + 1 + 14 * 29
+
+
+def test_save_and_reload_keeps_logits_and_buffers_free(tmp_path):
+    """The rotary tables are computed in the forward (transformers 5 materialises modules on meta in
+    from_pretrained and would leave non-persistent buffers uninitialised): reload gives the same logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    meta, state, inputs, real_logits, _ = _fixture("mla_group_limited")
+    model, _ = _model(meta, state)
+    assert not list(model.buffers())
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "deepseek_vl_v2" and "auto_map" not in saved
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    assert type(cfg) is DeepseekVLV2Config and cfg.get_text_config().hidden_size == 32
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        again = auto.from_pretrained(tmp_path).eval()
+        assert type(again) is DeepseekVLV2ForCausalLM
+        with torch.no_grad():
+            torch.testing.assert_close(again(input_ids=inputs["input_ids"]).logits, real_logits, rtol=0, atol=1e-5)
+
+
+def test_generate_with_cache_equals_full_recompute():
+    meta, state, inputs, _, _ = _fixture("mla_noaux_vision")
+    model, _ = _model(meta, state)
+    inputs.pop("image_token_id")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        seq = inputs["input_ids"]
+        for _ in range(4):  # greedy decoding without a cache: the whole sequence each step
+            n = seq.shape[1] - inputs["input_ids"].shape[1]
+            mask = torch.cat([inputs["images_seq_mask"], torch.zeros(1, n, dtype=torch.bool)], dim=1)
+            logits = model(input_ids=seq, images=inputs["images"], images_seq_mask=mask,
+                           images_spatial_crop=inputs["images_spatial_crop"]).logits
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_routed_experts_get_gradients_in_eval_mode():
+    meta, state, inputs, _, _ = _fixture("mha_greedy")
+    model, _ = _model(meta, state)
+    moe = model.language.model.layers[1].mlp
+    loss = model(input_ids=inputs["input_ids"]).logits.square().mean()
+    grads = torch.autograd.grad(loss, [e.down_proj.weight for e in moe.experts], allow_unused=True)
+    assert model.training is False and sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= 2
