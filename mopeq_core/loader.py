@@ -390,6 +390,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     qc = raw.get("quantization_config") or {}
     if qc.get("quant_method") != "mopeq":
         raise ArtifactError(f"{cfg_file} has no mopeq quantization_config; load it with from_pretrained instead")
+    from .models import trust_remote_code_for
+
+    trust_remote_code = trust_remote_code_for(path, trust_remote_code)
     _check_remote_code(raw, path, trust_remote_code)
     tensors = _read_shards(path, _read_index(path))
 

@@ -50,15 +50,20 @@ def _check_files(names: list[str], where: str, allow_pickle: bool) -> None:
 
 
 def check_config(config: dict, where: str, trust_remote_code: bool) -> None:
-    if "auto_map" in config and not trust_remote_code:
+    from .models import is_native, register_all
+
+    native = is_native(config)  # implemented here: the repo's auto_map (remote code) is never used
+    if "auto_map" in config and not trust_remote_code and not native:
         raise RemoteCodeRequiredError(
             f"{where} needs remote code (its config.json has auto_map: {sorted(config['auto_map'])}). Remote code "
             "runs arbitrary Python from the repo; pass --trust-remote-code only if you trust it.")
     model_type = config.get("model_type")
     if not model_type:
         raise UnsupportedArchitectureError(f"{where}/config.json has no model_type")
-    if "auto_map" not in config:
+    if "auto_map" not in config or native:
         from transformers import CONFIG_MAPPING
+
+        register_all()
 
         if model_type not in CONFIG_MAPPING:
             raise UnsupportedArchitectureError(
@@ -199,8 +204,10 @@ def load_model(path: Path, *, device: str = "cpu", dtype=None, trust_remote_code
     import torch
     from transformers import AutoConfig
 
+    from .models import trust_remote_code_for
     from .multimodal import auto_model_class
 
+    trust_remote_code = trust_remote_code_for(path, trust_remote_code)
     dtype = dtype or torch.float32
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

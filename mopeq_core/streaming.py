@@ -119,9 +119,11 @@ class ModelStream:
 
         _fixed_mmap_threshold()
         from .loader import _parameters_on_meta
+        from .models import trust_remote_code_for
         from .moe import find_expert_groups
         from .multimodal import auto_model_class
 
+        trust_remote_code = trust_remote_code_for(path, trust_remote_code)
         ckpt = SafetensorsCheckpoint(path)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         try:

@@ -131,6 +131,7 @@ class DeepseekVLV2Config(PretrainedConfig):
         # not in the published config (the processor knows it); used when images_seq_mask is not passed
         self.image_token_id = image_token_id
         kwargs.setdefault("tie_word_embeddings", False)
+        kwargs.pop("auto_map", None)  # implemented natively: never the repository's remote code
         super().__init__(**kwargs)
 
     def get_text_config(self, decoder=None, encoder=None):
