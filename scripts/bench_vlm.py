@@ -38,7 +38,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     models = [("Qwen3-VL-MoE tiny (random)", vm.build_qwen3_vl_moe, False),
-              ("DeepSeek-VL2 stand-in (random)", vm.build_deepseek_vl2_standin, True),
+              ("DeepSeek-VL2 native (random)", vm.build_deepseek_vl2, False),
               ("MolmoE stand-in (random)", vm.build_molmoe_standin, True)]
     print("| model | avg bits | fp ppl (img+text) | quantized ppl | Δ ppl | caption-match acc fp → q "
           "| expert MB fp → q | total MB | vision MB | time s |")

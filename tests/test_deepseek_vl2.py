@@ -177,3 +177,23 @@ def test_routed_experts_get_gradients_in_eval_mode():
     loss = model(input_ids=inputs["input_ids"]).logits.square().mean()
     grads = torch.autograd.grad(loss, [e.down_proj.weight for e in moe.experts], allow_unused=True)
     assert model.training is False and sum(g is not None and bool(g.abs().sum() > 0) for g in grads) >= 2
+
+
+def test_streamed_engine_gives_the_resident_bit_map(tmp_path):
+    """The layer-streaming path (meta skeleton, layers read from the safetensors one at a time) works on the native
+    model (its language config, not the top level, holds hidden_size) and gives the resident run's bit map."""
+    import vlm_models as vm
+
+    from mopeq_core import engine
+    from mopeq_core.config import Budget, QuantizeConfig
+
+    src = vm.build_deepseek_vl2(tmp_path / "src")
+    maps = []
+    for low in (False, True):
+        cfg = QuantizeConfig(model=str(src), budget=Budget(avg_bits=2.5), group_size=16, calib_samples=3,
+                             seq_len=24, probes=2, sensitivity="hutchinson", quantizer="rtn",
+                             calib_file=str(vm.VLM_DATA / "calib.jsonl"), eval_file=None, low_memory=low)
+        res = engine.run(cfg, tmp_path / f"out{int(low)}")
+        maps.append([[e["bits"] for e in layer["experts"]] for layer in res.bitmap["layers"]])
+        assert res.report["modality"] == "image+text"
+    assert maps[0] == maps[1] and len(maps[0]) == 2
