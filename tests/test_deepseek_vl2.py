@@ -216,3 +216,40 @@ def test_real_size_configs_match_the_published_parameter_counts(name, published)
     raw = json.loads((REAL_CONFIGS / name / "config.json").read_text())
     assert "hidden_size" not in raw and cfg.get_text_config().hidden_size == raw["language_config"]["hidden_size"]
     assert model.language.lm_head.weight.shape[0] == raw["language_config"]["vocab_size"]
+
+
+def test_sensitivity_reaches_experts_behind_a_no_grad_dispatch():
+    """Remote-code MoE blocks like the published DeepSeek-VL2 run their experts under @torch.no_grad() in eval
+    mode (moe_infer); sensitivity._GradThroughExperts still gets their curvature. Shown on the native model with its
+    MoE blocks switched to such a dispatch (same computation)."""
+    from mopeq_core.calibrate import calibrate
+    from mopeq_core.models.deepseek_vl2.modeling import DeepseekVL2MoE
+    from mopeq_core.moe import find_expert_groups
+    from mopeq_core.sensitivity import SensitivityContext, compute_sensitivity
+
+    class NoGradDispatchMoE(DeepseekVL2MoE):
+        def forward(self, hidden_states):
+            shape = hidden_states.shape
+            idx, weight = self.gate(hidden_states)
+            y = self.moe_infer(hidden_states.reshape(-1, shape[-1]), idx, weight).view(shape)
+            return y + self.shared_experts(hidden_states)
+
+        @torch.no_grad()
+        def moe_infer(self, x, idx, weight):
+            out = torch.stack([torch.stack([self.experts[int(e)](x[t]) for e in idx[t]]) for t in range(len(x))])
+            return (out * weight.unsqueeze(-1).to(out.dtype)).sum(1)
+
+    meta, state, inputs, _, _ = _fixture("mha_greedy")
+    model, _ = _model(meta, state)
+    for layer in model.language.model.layers:
+        if isinstance(layer.mlp, DeepseekVL2MoE):
+            layer.mlp.__class__ = NoGradDispatchMoE
+    w = model.language.model.layers[1].mlp.experts[0].down_proj.weight
+    out = model(input_ids=inputs["input_ids"]).logits.sum()
+    assert torch.autograd.grad(out, w, allow_unused=True)[0] is None  # the dispatch hides the experts
+    groups = find_expert_groups(model)
+    samples = inputs["input_ids"]
+    stats = calibrate(model, groups, samples, collect_hessians=False)
+    res = compute_sensitivity("hutchinson", SensitivityContext(model, groups, stats, samples, probes=2,
+                                                               min_probes=2, tol=10.0))
+    assert all(any(abs(v) > 0 for v in scores) for scores in res.scores.values())
