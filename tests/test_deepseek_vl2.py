@@ -253,3 +253,27 @@ def test_sensitivity_reaches_experts_behind_a_no_grad_dispatch():
     res = compute_sensitivity("hutchinson", SensitivityContext(model, groups, stats, samples, probes=2,
                                                                min_probes=2, tol=10.0))
     assert all(any(abs(v) > 0 for v in scores) for scores in res.scores.values())
+
+
+def test_processor_reads_the_published_flat_processor_config(tmp_path):
+    """Hub checkpoints carry the published code's processor_config.json (flat keys, written by its
+    DeepseekVLV2Processor) and the tokenizer; AutoProcessor builds our processor from them."""
+    import vlm_models as vm
+    from transformers import AutoProcessor
+
+    from mopeq_core.multimodal import load_processor
+
+    meta, _, inputs, _, _ = _fixture("mla_noaux_vision")
+    cfg = meta["config"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    flat = {"add_special_token": False, "candidate_resolutions": cfg["candidate_resolutions"],
+            "downsample_ratio": 2, "ignore_id": -100, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "image_token": "<image>", "mask_prompt": False, "normalize": True, "pad_token": "<｜▁pad▁｜>",
+            "patch_size": cfg["vision_config"]["patch_size"], "processor_class": "DeepseekVLV2Processor",
+            "sft_format": "deepseek"}
+    (tmp_path / "processor_config.json").write_text(json.dumps(flat))
+    vm.tokenizer([]).save_pretrained(tmp_path)
+    for proc in (AutoProcessor.from_pretrained(tmp_path), load_processor(tmp_path)):
+        assert type(proc) is DeepseekVLV2Processor
+        assert proc.image_processor.candidate_resolutions == cfg["candidate_resolutions"]
+        assert proc.image_token_id == int(inputs["image_token_id"])

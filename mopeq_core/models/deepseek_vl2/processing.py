@@ -14,7 +14,9 @@ placeholder ``<image>`` inside the user turn, BOS first.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,6 +111,26 @@ class DeepseekVL2ImageProcessor(BaseImageProcessor):
                             tensor_type=return_tensors)
 
 
+_IMAGE_KEYS = ("candidate_resolutions", "patch_size", "downsample_ratio", "image_mean", "image_std", "normalize")
+
+
+def _published_processor_config(path: Path) -> dict | None:
+    """The published flat processor config of a local checkpoint directory, or None (ours, or none at all).
+    Candidate resolutions come from config.json when the processor config does not list them."""
+    try:
+        proc = json.loads((path / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(proc, dict) or "image_processor" in proc or "patch_size" not in proc:
+        return None
+    if not proc.get("candidate_resolutions"):
+        try:
+            proc["candidate_resolutions"] = json.loads((path / "config.json").read_text())["candidate_resolutions"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return proc
+
+
 class DeepseekVLV2Processor(ProcessorMixin):
     """``processor(text=[...], images=[...])``: ``input_ids``, ``attention_mask`` (left padding), ``images``
     [B, max_tiles, 3, S, S], ``images_seq_mask`` [B, L] and ``images_spatial_crop`` [B, max_images, 2]: the
@@ -182,6 +204,21 @@ class DeepseekVLV2Processor(ProcessorMixin):
             out["images_seq_mask"] = torch.tensor([[False] * (width - len(r[1])) + r[1] for r in rows])
             out["images_spatial_crop"] = crops
         return BatchFeature(out, tensor_type=return_tensors)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Also reads the Hub checkpoints' processor_config.json, which the published code writes flat (its
+        ``candidate_resolutions``, ``patch_size``, ... at the top level, no ``image_processor`` section)."""
+        path = Path(pretrained_model_name_or_path)
+        flat = _published_processor_config(path)
+        if flat is None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        from transformers import AutoTokenizer
+
+        tok_kwargs = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code") if k in kwargs}
+        tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
+        ip = DeepseekVL2ImageProcessor(**{k: flat[k] for k in _IMAGE_KEYS if flat.get(k) is not None})
+        return cls(image_processor=ip, tokenizer=tokenizer, image_token=flat.get("image_token", "<image>"))
 
     @property
     def model_input_names(self):
