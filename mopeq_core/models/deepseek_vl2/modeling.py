@@ -495,6 +495,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
         if images is None or images_spatial_crop is None or int(images_spatial_crop.sum()) == 0:
             return embeds
         if images_seq_mask is None:
+            if self.config.image_token_id is None:
+                raise ValueError("images_seq_mask is required (the config names no image_token_id)")
             images_seq_mask = input_ids == self.config.image_token_id
         crops = images_spatial_crop.tolist()
         per_row = [[(w, h) for w, h in row if w and h] for row in crops]
@@ -536,7 +538,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, is_first_iteration=False, images=None,
