@@ -37,7 +37,7 @@ from mopeq_client.errors import (
     ServiceUnreachableError,
     WaitTimeoutError,
 )
-from mopeq_client.sdk import Job, MopeqClient, bitmap_rows
+from mopeq_client.sdk import Estimate, Job, MopeqClient, bitmap_rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MoPEQ service commands (remote).")
 err = Console(stderr=True, highlight=False)
@@ -361,6 +361,12 @@ def estimate(
     with _errors(as_json), _client(url, api_key) as client:
         est = client.estimate(model, revision=revision, bits=bit_list, group_size=group_size, avg_bits=avg_bits,
                               budget_gb=budget_gb)
+    show_estimate(est, as_json)
+
+
+def show_estimate(est: Estimate, as_json: bool) -> None:
+    """Print an estimate (the service's, or the full distribution's ``--local`` one); exit 2 when the budget asked
+    about is infeasible."""
     if as_json:
         _out(est.raw)
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-MODEL_TYPE = "deepseek_vl_v2"
+MODEL_TYPES = ("deepseek_vl_v2",)
 _registered = False
 
 
