@@ -282,3 +282,21 @@ def test_processor_reads_the_published_flat_processor_config(tmp_path):
         assert type(proc) is DeepseekVLV2Processor
         assert proc.image_processor.candidate_resolutions == cfg["candidate_resolutions"]
         assert proc.image_token_id == int(inputs["image_token_id"])
+
+
+def test_left_padded_batch_generates_what_each_row_generates_alone():
+    """Batch generation with left padding: the padding is masked and positions count real tokens only (as in the
+    published generation; transformers derives position_ids from the mask), so each row continues as it would
+    alone."""
+    meta, state, inputs, _, _ = _fixture("mla_group_limited")
+    model, _ = _model(meta, state)
+    ids = inputs["input_ids"]
+    short = ids[1:, 4:]
+    batch = torch.cat([ids[:1], torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        alone = [model.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+                 for x in (ids[:1], short)]
+    assert torch.equal(out[0, -3:], alone[0][0, -3:]) and torch.equal(out[1, -3:], alone[1][0, -3:])
