@@ -285,9 +285,8 @@ def test_processor_reads_the_published_flat_processor_config(tmp_path):
 
 
 def test_left_padded_batch_generates_what_each_row_generates_alone():
-    """Batch generation with left padding: the padding is masked and positions count real tokens only (as in the
-    published generation; transformers derives position_ids from the mask), so each row continues as it would
-    alone."""
+    """Batch generation with left padding: the padding is masked (in the prompt and in the cache), so each row
+    continues as it would alone."""
     meta, state, inputs, _, _ = _fixture("mla_group_limited")
     model, _ = _model(meta, state)
     ids = inputs["input_ids"]
