@@ -115,6 +115,12 @@ def test_processor_matches_the_real_processor():
                                          {"type": "text", "text": "What do the two pictures show?"}]}]
     text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == meta["prompt"]
+    # the published "deepseek" conversation: system + sep "\n\n", user turns end in sep, answers in sep2 (EOS)
+    conv = [{"role": "system", "content": "Be brief."}, msgs[0],
+            {"role": "assistant", "content": [{"type": "text", "text": "Two pictures."}]}]
+    eos = proc.tokenizer.eos_token
+    assert proc.apply_chat_template(conv, tokenize=False) == f"Be brief.\n\n{text[:-len('<|Assistant|>:')]}" \
+        f"<|Assistant|>: Two pictures.{eos}"
     images = [Image.open(REPO / "data" / "vlm" / "images" / n).convert("RGB") for n in meta["images"]]
     enc = proc(text=[text], images=images)
     assert torch.equal(enc["input_ids"], inputs["input_ids"])
