@@ -393,8 +393,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     qc = raw.get("quantization_config") or {}
     if qc.get("quant_method") != "mopeq":
         raise ArtifactError(f"{cfg_file} has no mopeq quantization_config; load it with from_pretrained instead")
+    trust_remote_code = trust_for(raw, trust_remote_code)  # a native model_type wins over auto_map
     _check_remote_code(raw, path, trust_remote_code)
-    trust_remote_code = trust_for(raw, trust_remote_code)
     tensors = _read_shards(path, _read_index(path))
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

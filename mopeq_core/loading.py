@@ -53,16 +53,15 @@ def check_config(config: dict, where: str, trust_remote_code: bool) -> None:
     from .models import is_native, register_all
 
     register_all()
-    if is_native(config):  # a native implementation: no remote code, whatever the auto_map says
-        return
-    if "auto_map" in config and not trust_remote_code:
+    native = is_native(config)  # implemented here: the repo's auto_map (remote code) is never used
+    if "auto_map" in config and not trust_remote_code and not native:
         raise RemoteCodeRequiredError(
             f"{where} needs remote code (its config.json has auto_map: {sorted(config['auto_map'])}). Remote code "
             "runs arbitrary Python from the repo; pass --trust-remote-code only if you trust it.")
     model_type = config.get("model_type")
     if not model_type:
         raise UnsupportedArchitectureError(f"{where}/config.json has no model_type")
-    if "auto_map" not in config:
+    if "auto_map" not in config or native:
         from transformers import CONFIG_MAPPING
 
         if model_type not in CONFIG_MAPPING:

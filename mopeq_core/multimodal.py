@@ -46,8 +46,9 @@ def is_vlm_config(config) -> bool:
     from transformers.models.auto import modeling_auto as ma
 
     mt = getattr(config, "model_type", None)
-    vlm = mt in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    causal = mt in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    # names: transformers' own models; the mappings also hold classes registered at run time (mopeq_core.models)
+    vlm = mt in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or type(config) in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    causal = mt in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or type(config) in ma.MODEL_FOR_CAUSAL_LM_MAPPING
     # Llama 4's composite config maps to both; its vision_config says which one holds the whole checkpoint.
     return vlm and (not causal or getattr(config, "vision_config", None) is not None)
 
