@@ -15,11 +15,12 @@ from app.api.routes import admin, estimate, health, hooks, jobs, watches
 from app.core.bodylimit import BodyLimitMiddleware
 from app.core.celery_conf import make_celery
 from app.core.config import Settings, get_settings
-from app.core.metrics import Metrics
+from app.core.metrics import Metrics, RequestCounter
 from app.core.security import Keyring, redact
 from app.db.session import make_engine, make_sessionmaker
 from app.schemas.common import document_errors
 from app.services.errors import ServiceError
+from app.services.keys import PrincipalCache
 from app.services.ratelimit import RateLimiter
 from app.services.streams import StreamSlots
 
@@ -68,9 +69,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
     app.state.keyring = Keyring(settings.secret_key())
     app.state.celery = make_celery(settings, main="mopeq-api")
-    app.state.ratelimiter = RateLimiter()
+    app.state.principals = PrincipalCache(settings.AUTH_CACHE_TTL_S)
+    app.state.ratelimiter = RateLimiter(settings.redis_url, settings.REDIS_KEY_PREFIX)
     app.state.streams = StreamSlots()
     app.state.metrics = Metrics(app.state)
+    app.add_middleware(RequestCounter, counter=app.state.metrics.requests)  # outermost of ours: counts 413s too
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -111,14 +114,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _error(499, "client_closed", "client closed the connection")
         log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, redact(str(exc))[:500])
         return _error(500, "internal", "internal server error")
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        app.state.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
-                                          str(response.status_code)).inc()
-        return response
 
     app.include_router(health.router)
     app.include_router(jobs.router, prefix="/v1")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from app.core.config import get_settings
 from app.core.security import install_log_redaction
@@ -71,6 +72,14 @@ class WorkerSupervisor:
             p.wait()
 
 
+def uvicorn_config(app: Any, host: str, port: int) -> Any:
+    """The API's uvicorn settings (also used by bench/bench_api.py's constant app, so both run alike): uvloop and
+    httptools when installed (``loop="auto"``/``http="auto"`` pick them), no access log."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--no-worker", action="store_true", help="serve the API only")
@@ -109,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         hooks = WorkerSupervisor(0, env, module="worker.webhooks")  # outgoing webhooks, on their own queue
         hooks.start()
         supervisors.append(hooks)
-    config = uvicorn.Config(app, host=settings.HOST, port=settings.PORT, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings.HOST, settings.PORT))
     log.info("MoPEQ API on http://%s:%d (broker %s, artifacts %s)", settings.HOST, settings.PORT,
              "filesystem" if settings.broker_is_filesystem else settings.broker_url.split("@")[-1],
              settings.ARTIFACT_STORE or settings.artifact_dir)

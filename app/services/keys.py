@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import threading
+from typing import Any
+
+from cachetools import TTLCache
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.security import Keyring, new_api_key
@@ -17,3 +21,34 @@ def create_key(factory: sessionmaker[Session], keyring: Keyring, *, name: str, s
     with factory() as db, db.begin():
         db.add(row)
     return row, secret
+
+
+class PrincipalCache:
+    """Verified API keys this process remembers for ``ttl_s`` seconds, keyed by the key's HMAC (the key itself is
+    never kept): authentication then costs one HMAC instead of a database read per request. Only successful checks
+    are remembered. Revoking a key through this process forgets it at once (``forget``); a revocation made elsewhere
+    (another API process, the admin CLI) takes effect here within ``ttl_s``. Submitting a job re-checks the key in
+    the database anyway (``limits.admit``)."""
+
+    def __init__(self, ttl_s: float, maxsize: int = 10_000):
+        self._cache: TTLCache[str, Any] | None = TTLCache(maxsize=maxsize, ttl=ttl_s) if ttl_s > 0 else None
+        self._lock = threading.Lock()  # TTLCache is not thread-safe; sync routes run in a thread pool
+
+    def get(self, digest: str) -> Any:
+        if self._cache is None:  # MOPEQ_AUTH_CACHE_TTL_S=0: every request reads the key row
+            return None
+        with self._lock:
+            return self._cache.get(digest)
+
+    def put(self, digest: str, principal: Any) -> None:
+        if self._cache is None:
+            return
+        with self._lock:
+            self._cache[digest] = principal
+
+    def forget(self, key_id: str) -> None:
+        if self._cache is None:
+            return
+        with self._lock:
+            for digest in [d for d, p in self._cache.items() if p.key_id == key_id]:
+                self._cache.pop(digest, None)

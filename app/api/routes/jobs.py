@@ -76,8 +76,16 @@ OwnedJob = Annotated[Job, Depends(owned_job)]
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(*AUTH_ERRORS, 404))
-def get_job(job: OwnedJob) -> JobOut:
-    return svc.job_out(job)
+async def get_job(job_id: str, who: CurrentPrincipal, request: Request) -> Response:
+    # The hottest route: async, so authentication (cached) runs on the event loop and the read + rendering is the
+    # request's one thread-pool call; pydantic writes the JSON directly (no second validation by response_model).
+    factory = request.app.state.sessionmaker
+
+    def read() -> str:
+        with factory() as db:
+            return svc.job_out(svc.get_owned(db, who, job_id)).model_dump_json()
+
+    return Response(await anyio.to_thread.run_sync(read), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
