@@ -17,7 +17,7 @@ from app.core.celery_conf import make_celery
 from app.core.config import Settings, get_settings
 from app.core.metrics import Metrics, RequestCounter
 from app.core.security import Keyring, redact
-from app.db.session import make_engine, make_sessionmaker
+from app.db.session import AsyncReads, make_engine, make_sessionmaker
 from app.schemas.common import document_errors
 from app.services.errors import ServiceError
 from app.services.keys import PrincipalCache
@@ -29,6 +29,11 @@ log = logging.getLogger("mopeq.api")
 DESCRIPTION = """Quantization-as-a-service for Mixture-of-Experts models (MoPEQ: per-expert mixed precision).
 
 Authenticate with `Authorization: Bearer <api key>`. Every error is `{"detail": ..., "code": ...}`."""
+
+
+# FastAPI's own OpenTelemetry hooks look up the global providers on every request; this service exports Prometheus
+# metrics (/metrics) and no traces, so they stay off (bench/bench_api.py's constant app runs with the same setting).
+TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
 def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None,
@@ -62,11 +67,12 @@ def _client_went_away(exc: BaseException) -> bool:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
-    app = FastAPI(title="MoPEQ service", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="MoPEQ service", version="0.1.0", description=DESCRIPTION, telemetry=TELEMETRY_OFF)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)  # JSON 413s, chunked bodies too
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    app.state.async_reads = AsyncReads(settings.database_url) if AsyncReads.supports(settings.database_url) else None
     app.state.keyring = Keyring(settings.secret_key())
     app.state.celery = make_celery(settings, main="mopeq-api")
     app.state.principals = PrincipalCache(settings.AUTH_CACHE_TTL_S)

@@ -221,9 +221,10 @@ def serve_constant(port: int) -> None:
     import uvicorn
     from fastapi import FastAPI
 
+    from app.main import TELEMETRY_OFF
     from app.serve import uvicorn_config
 
-    app = FastAPI()
+    app = FastAPI(telemetry=TELEMETRY_OFF)
 
     @app.get("/constant")
     async def constant() -> dict:

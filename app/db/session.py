@@ -3,12 +3,14 @@ share one file."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -59,3 +61,25 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+class AsyncReads:
+    """PostgreSQL through psycopg's async driver (SQLAlchemy's asyncio extension), for the hottest read: no thread
+    hop per request. One engine per event loop, since an async connection belongs to the loop that opened it (the
+    server runs one loop; FastAPI's TestClient runs one per client)."""
+
+    def __init__(self, url: str):
+        self.url = make_url(url).set(drivername="postgresql+psycopg")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._maker: async_sessionmaker[AsyncSession] | None = None
+
+    @staticmethod
+    def supports(url: str) -> bool:
+        return make_url(url).get_backend_name() == "postgresql"
+
+    def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
+        loop = asyncio.get_running_loop()
+        if self._maker is None or loop is not self._loop:
+            engine = create_async_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            self._loop, self._maker = loop, async_sessionmaker(engine, expire_on_commit=False)
+        return self._maker
