@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -71,15 +71,15 @@ class AsyncReads:
     def __init__(self, url: str):
         self.url = make_url(url).set(drivername="postgresql+psycopg")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._maker: async_sessionmaker[AsyncSession] | None = None
+        self._engine: AsyncEngine | None = None
 
     @staticmethod
     def supports(url: str) -> bool:
         return make_url(url).get_backend_name() == "postgresql"
 
-    def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
+    def engine(self) -> AsyncEngine:
         loop = asyncio.get_running_loop()
-        if self._maker is None or loop is not self._loop:
-            engine = create_async_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
-            self._loop, self._maker = loop, async_sessionmaker(engine, expire_on_commit=False)
-        return self._maker
+        if self._engine is None or loop is not self._loop:
+            self._loop = loop
+            self._engine = create_async_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        return self._engine

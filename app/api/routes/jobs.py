@@ -23,6 +23,7 @@ from app.schemas.jobs import AllocationOut, ArtifactOut, JobCreate, JobEventOut,
 from app.services import jobs as svc
 from app.services.errors import ServiceError
 from app.services.events import events_after
+from app.services.job_reads import read_owned, read_owned_async
 from app.services.storage import get_store
 from app.services.streams import StreamSlots
 
@@ -77,17 +78,16 @@ OwnedJob = Annotated[Job, Depends(owned_job)]
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(*AUTH_ERRORS, 404))
 async def get_job(job_id: str, who: CurrentPrincipal, request: Request) -> Response:
-    # The hottest route, with no thread hop: authentication is cached on the event loop (deps.current_principal);
-    # PostgreSQL is read through the async driver; SQLite inline, since a read by primary key in WAL mode is never
-    # blocked by a writer and costs less than handing it to a thread. pydantic writes the JSON directly (no second
-    # validation by response_model).
-    async_reads = request.app.state.async_reads
-    if async_reads is not None:
-        async with async_reads.sessionmaker()() as adb:
-            job = await adb.run_sync(svc.get_owned, who, job_id)
+    # The hottest route, with no thread hop and no ORM session (app.services.job_reads): authentication is cached on
+    # the event loop (deps.current_principal); PostgreSQL is read through the async driver; SQLite inline, since a
+    # read by primary key in WAL mode is never blocked by a writer and costs less than handing it to a thread.
+    # pydantic writes the JSON directly (no second validation by response_model).
+    state = request.app.state
+    if state.async_reads is not None:
+        job = await read_owned_async(state.async_reads.engine(), who, job_id)
     else:
-        with request.app.state.sessionmaker() as db:
-            job = svc.get_owned(db, who, job_id)
+        with state.engine.connect() as conn:
+            job = read_owned(conn, who, job_id)
     return Response(svc.job_out(job).model_dump_json(), media_type="application/json")
 
 
