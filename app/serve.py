@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from app.core.config import get_settings
+from app.core.lifeline import PARENT_ENV
 from app.core.security import install_log_redaction
 from app.services.queues import queue_names
 
@@ -39,8 +40,11 @@ class WorkerSupervisor:
         self.thread.start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # Its own session: a Ctrl-C in the terminal reaches the API only; we stop the worker ourselves.
-        return subprocess.Popen([sys.executable, "-m", self.module], env=self.env, start_new_session=True)
+        # Its own session: a Ctrl-C in the terminal reaches the API only; we stop the worker ourselves. If this
+        # process dies without stopping it (SIGKILL, a crash), the child ends too: MOPEQ_PARENT_PID makes it call
+        # app.core.lifeline.die_with_parent(), which ties it to this thread (it lives as long as the child).
+        env = {**self.env, PARENT_ENV: str(os.getpid())}
+        return subprocess.Popen([sys.executable, "-m", self.module], env=env, start_new_session=True)
 
     def _run(self) -> None:
         backoff = 1.0
