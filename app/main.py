@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings, main="mopeq-api")
     app.state.principals = PrincipalCache(settings.AUTH_CACHE_TTL_S)
     app.state.ratelimiter = RateLimiter(settings.redis_url, settings.REDIS_KEY_PREFIX)
-    app.state.streams = StreamSlots()
+    app.state.streams = StreamSlots(settings.redis_url, settings.REDIS_KEY_PREFIX)
     app.state.metrics = Metrics(app.state)
     app.add_middleware(RequestCounter, counter=app.state.metrics.requests)  # outermost of ours: counts 413s too
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +25,7 @@ from app.services.errors import ServiceError
 from app.services.events import events_after
 from app.services.job_reads import read_owned, read_owned_async
 from app.services.storage import get_store
-from app.services.streams import StreamSlots
+from app.services.streams import Slot, StreamSlots
 
 log = logging.getLogger("mopeq.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -99,25 +99,26 @@ def cancel_job(job_id: str, who: CurrentPrincipal, factory: Factory) -> JobOut:
     return svc.job_out(svc.cancel_job(factory, who, job_id))
 
 
-def event_stream(request: Request, who: CurrentPrincipal, settings: SettingsDep,
-                 poll: Annotated[float, Query(gt=0, le=10, description="Seconds between database reads while "
-                                              "nothing happens; at least MOPEQ_SSE_MIN_POLL_S")] = 0.5
-                 ) -> Iterator[float]:
-    """One of the key's stream slots (at most MOPEQ_SSE_MAX_STREAMS_PER_KEY open at once, in this API process),
-    held until the response has been sent; yields the poll interval."""
+async def event_stream(request: Request, who: CurrentPrincipal, settings: SettingsDep,
+                       poll: Annotated[float, Query(gt=0, le=10, description="Seconds between database reads while "
+                                                    "nothing happens; at least MOPEQ_SSE_MIN_POLL_S")] = 0.5
+                       ) -> AsyncIterator[Slot]:
+    """One of the key's stream slots (at most MOPEQ_SSE_MAX_STREAMS_PER_KEY open at once, over every API process
+    when Redis is configured: app.services.streams), held until the response has been sent."""
     if poll < settings.SSE_MIN_POLL_S:
         raise ServiceError(422, "limit_exceeded", f"poll {poll:g} s is below this server's floor of "
                                                   f"{settings.SSE_MIN_POLL_S:g} s (MOPEQ_SSE_MIN_POLL_S); poll less "
                                                   "often: events are pushed as they happen anyway")
     slots: StreamSlots = request.app.state.streams
-    if not slots.acquire(who.key_id, settings.SSE_MAX_STREAMS_PER_KEY):
+    slot = await slots.acquire(who.key_id, settings.SSE_MAX_STREAMS_PER_KEY, poll)
+    if slot is None:
         raise ServiceError(429, "too_many_streams",
                            f"this key already has {settings.SSE_MAX_STREAMS_PER_KEY} open event streams "
                            "(MOPEQ_SSE_MAX_STREAMS_PER_KEY); close one first", headers={"Retry-After": "5"})
     try:
-        yield poll
+        yield slot
     finally:
-        slots.release(who.key_id)
+        await slots.release(slot)
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
@@ -128,7 +129,7 @@ def event_stream(request: Request, who: CurrentPrincipal, settings: SettingsDep,
                                             "is revoked."}},
             summary="Follow a job's events (SSE), resuming after Last-Event-ID")
 async def job_events(request: Request, job: OwnedJob, who: CurrentPrincipal, factory: Factory,
-                     poll: Annotated[float, Depends(event_stream, scope="request")],
+                     slot: Annotated[Slot, Depends(event_stream, scope="request")],
                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                      after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None,
                      ) -> AsyncIterator[ServerSentEvent]:
@@ -163,8 +164,9 @@ async def job_events(request: Request, job: OwnedJob, who: CurrentPrincipal, fac
             return
         if await request.is_disconnected():
             return
+        await slot.keep()
         if not evs:
-            await anyio.sleep(poll)
+            await anyio.sleep(slot.poll)
 
 
 @router.delete("/{job_id}", status_code=204, responses=error_responses(*AUTH_ERRORS, 404, 409),
