@@ -100,9 +100,12 @@ async def current_principal(
     cache: PrincipalCache = state.principals
     who = cache.get(digest)
     if who is None:
-        who = await anyio.to_thread.run_sync(_authenticate, state.settings, state.keyring, state.sessionmaker,
-                                             presented, digest)
-        cache.put(digest, who)
+        async with cache.verifying(digest):  # one database check per key at a time: no stampede when it expires
+            who = cache.get(digest)
+            if who is None:
+                who = await anyio.to_thread.run_sync(_authenticate, state.settings, state.keyring,
+                                                     state.sessionmaker, presented, digest)
+                cache.put(digest, who)
     limiter: RateLimiter = state.ratelimiter
     wait = await limiter.hit(who.key_id, who.rate_limit_per_minute)
     if wait is not None:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 from cachetools import TTLCache
@@ -33,6 +36,7 @@ class PrincipalCache:
     def __init__(self, ttl_s: float, maxsize: int = 10_000):
         self._cache: TTLCache[str, Any] | None = TTLCache(maxsize=maxsize, ttl=ttl_s) if ttl_s > 0 else None
         self._lock = threading.Lock()  # TTLCache is not thread-safe; sync routes run in a thread pool
+        self._verifying: dict[str, tuple[asyncio.Lock, int]] = {}  # digest -> (lock, waiters), on the event loop
 
     def get(self, digest: str) -> Any:
         if self._cache is None:  # MOPEQ_AUTH_CACHE_TTL_S=0: every request reads the key row
@@ -45,6 +49,21 @@ class PrincipalCache:
             return
         with self._lock:
             self._cache[digest] = principal
+
+    @contextlib.asynccontextmanager
+    async def verifying(self, digest: str) -> AsyncIterator[None]:
+        """Held while one request checks ``digest`` in the database; the others wait, then find it cached."""
+        lock, waiters = self._verifying.get(digest) or (asyncio.Lock(), 0)
+        self._verifying[digest] = (lock, waiters + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiters = self._verifying[digest]
+            if waiters <= 1:
+                del self._verifying[digest]
+            else:
+                self._verifying[digest] = (lock, waiters - 1)
 
     def forget(self, key_id: str) -> None:
         if self._cache is None:
