@@ -20,6 +20,7 @@ from app.core.security import Keyring, redact
 from app.db.session import AsyncReads, make_engine, make_sessionmaker
 from app.schemas.common import document_errors
 from app.services.errors import ServiceError
+from app.services.job_reads import SqliteReads
 from app.services.keys import PrincipalCache
 from app.services.ratelimit import RateLimiter
 from app.services.streams import StreamSlots
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = make_engine(settings.database_url)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
     app.state.async_reads = AsyncReads(settings.database_url) if AsyncReads.supports(settings.database_url) else None
+    app.state.sqlite_reads = SqliteReads(app.state.engine) if app.state.engine.dialect.name == "sqlite" else None
     app.state.keyring = Keyring(settings.secret_key())
     app.state.celery = make_celery(settings, main="mopeq-api")
     app.state.principals = PrincipalCache(settings.AUTH_CACHE_TTL_S)

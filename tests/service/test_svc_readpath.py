@@ -67,6 +67,9 @@ def test_get_job_renders_what_the_orm_path_renders(app_settings: Any, model_root
         assert r.status_code == 404 and r.json()["code"] == "not_found"
         assert c.get(f"/v1/jobs/{job_id}", headers=auth(BOOT_KEY)).json() == reference  # admin sees every job
         assert c.get("/v1/jobs/" + "x" * 65, headers=auth(owner)).status_code == 404
+        with app.state.sessionmaker() as db, db.begin():  # a later write is seen: no snapshot kept between reads
+            db.get(Job, job_id).progress = 0.5
+        assert c.get(f"/v1/jobs/{job_id}", headers=auth(owner)).json()["progress"] == 0.5
 
 
 def test_verified_keys_are_remembered_for_at_most_the_ttl(app_settings: Any) -> None:

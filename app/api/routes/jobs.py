@@ -85,6 +85,8 @@ async def get_job(job_id: str, who: CurrentPrincipal, request: Request) -> Respo
     state = request.app.state
     if state.async_reads is not None:
         job = await read_owned_async(state.async_reads.engine(), who, job_id)
+    elif state.sqlite_reads is not None:
+        job = state.sqlite_reads.read_owned(who, job_id)
     else:
         with state.engine.connect() as conn:
             job = read_owned(conn, who, job_id)
