@@ -267,7 +267,7 @@ def _frame(f: str) -> tuple[str, str]:
 
 def summarize_profile(raw: str, top: int = 15) -> str:
     """py-spy's collapsed stacks -> markdown: self time per package, and the functions with the most inclusive time."""
-    incl: Counter[str] = Counter()
+    self_fn: Counter[str] = Counter()
     self_pkg: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
@@ -277,20 +277,15 @@ def summarize_profile(raw: str, top: int = 15) -> str:
         count = int(n)
         total += count
         frames = [_frame(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
-        if not frames:
-            continue
-        for name in {name for name, _ in frames}:
-            incl[name] += count
-        self_pkg[frames[-1][1]] += count
+        if frames:
+            self_fn[frames[-1][0]] += count
+            self_pkg[frames[-1][1]] += count
     if not total:
         return "(no samples)"
     lines = [f"{total} samples of the thread holding the GIL.", "", "| self time by package | share |", "|---|---:|"]
     lines += [f"| {pkg} | {100 * c / total:.1f}% |" for pkg, c in self_pkg.most_common(12)]
-    lines += ["", "| function (inclusive time, any thread) | share |", "|---|---:|"]
-    skip = ("_bootstrap", "run (threads.py)", "_worker (thread.py)", "run (base_events.py)", "run_forever",
-            "_run_once", "_run (events.py)", "<module>", "_run_module", "main (", "run (runners.py)")
-    shown = [(f, c) for f, c in incl.most_common() if not any(s in f for s in skip)]
-    lines += [f"| `{f}` | {100 * c / total:.1f}% |" for f, c in shown[:top]]
+    lines += ["", "| function (self time) | share |", "|---|---:|"]
+    lines += [f"| `{f}` | {100 * c / total:.1f}% |" for f, c in self_fn.most_common(top)]
     return "\n".join(lines)
 
 
