@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from functools import partial
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import IntegrityError
@@ -88,7 +88,7 @@ async def current_principal(
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     """Async on purpose: a key verified within MOPEQ_AUTH_CACHE_TTL_S costs one HMAC on the event loop (no thread
-    hop, no database read); only a key not in the cache is checked against the database, in the thread pool."""
+    hop, no database read); only a key not in the cache waits for the database (in the thread pool)."""
     state = request.app.state
     if creds is None or not creds.credentials:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' (create one with "
@@ -98,14 +98,8 @@ async def current_principal(
         raise _unauthorized("invalid API key")
     digest = state.keyring.hash_key(presented)
     cache: PrincipalCache = state.principals
-    who = cache.get(digest)
-    if who is None:
-        async with cache.verifying(digest):  # one database check per key at a time: no stampede when it expires
-            who = cache.get(digest)
-            if who is None:
-                who = await anyio.to_thread.run_sync(_authenticate, state.settings, state.keyring,
-                                                     state.sessionmaker, presented, digest)
-                cache.put(digest, who)
+    who = await cache.principal(digest, partial(_authenticate, state.settings, state.keyring, state.sessionmaker,
+                                                presented, digest))
     limiter: RateLimiter = state.ratelimiter
     wait = await limiter.hit(who.key_id, who.rate_limit_per_minute)
     if wait is not None:
