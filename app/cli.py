@@ -15,6 +15,9 @@ from app.cli_admin import app as admin_app
 from mopeq_client.cli import EXIT_CANCELLED, EXIT_INVALID, EXIT_JOB_FAILED, bitmap_table
 from mopeq_client.cli import app as remote_app
 from mopeq_client.cli import main as run
+from mopeq_client.remote_cli import ApiKey, AsJson, Url, _fail, show_estimate
+from mopeq_client.remote_cli import estimate as remote_estimate
+from mopeq_client.sdk import Estimate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="MoPEQ: per-expert mixed-precision quantization of Mixture-of-Experts models.")
@@ -131,7 +134,43 @@ def quantize(
                           f"size: {result.bitmap['total_bytes']:,} B   artifact: {out}")
 
 
-app.registered_commands.extend(remote_app.registered_commands)
+@app.command()
+def estimate(
+    model: str = typer.Argument(..., help="Hub repo id, or a model directory (with --local: on this machine)"),
+    revision: str | None = typer.Option(None, "--revision"),
+    bits: str | None = typer.Option(None, "--bits"),
+    group_size: int | None = typer.Option(None, "--group-size"),
+    avg_bits: float | None = typer.Option(None, "--avg-bits", help="Check this budget's feasibility"),
+    budget_gb: float | None = typer.Option(None, "--budget-gb", help="Check this budget's feasibility"),
+    local: bool = typer.Option(False, "--local", help="Size a local directory here instead of asking the service; "
+                               "a directory with only config.json is sized from the model built on the meta device"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="With --local: allow auto_map code"),
+    as_json: AsJson = False, url: Url = None, api_key: ApiKey = None,
+) -> None:
+    """Size a model and its feasible budget range (headers only); exit 2 when a given budget is infeasible."""
+    if not local:
+        return remote_estimate(model, revision=revision, bits=bits, group_size=group_size, avg_bits=avg_bits,
+                               budget_gb=budget_gb, as_json=as_json, url=url, api_key=api_key)
+    from mopeq_core.errors import MopeqError
+    from mopeq_core.meta_checkpoint import estimate_local
+
+    try:
+        est = estimate_local(Path(model), bits=parse_bits(bits) if bits else (2, 3, 4), group_size=group_size or 128,
+                             trust_remote_code=trust_remote_code)
+        raw = est.to_dict()
+        if avg_bits is not None or budget_gb is not None:
+            try:
+                est.check_budget(avg_bits=avg_bits, gb=budget_gb)
+                raw.update(budget_feasible=True, budget_message="the budget is feasible")
+            except MopeqError as exc:
+                raw.update(budget_feasible=False, budget_message=str(exc))
+    except MopeqError as exc:
+        _fail(EXIT_INVALID, str(exc), as_json, code=type(exc).__name__)
+    show_estimate(Estimate.from_dict(raw), as_json)
+
+
+# The service's estimate is replaced by the one above, which adds --local.
+app.registered_commands.extend(c for c in remote_app.registered_commands if c.callback is not remote_estimate)
 app.add_typer(admin_app, name="admin", help="Service administration (API keys)")
 
 

@@ -130,6 +130,12 @@ class AsyncMopeqClient(_Base):
     async def cancel(self, job_id: str) -> Job:
         return Job.from_dict(await self._json("POST", self._job_path(job_id, "/cancel")))
 
+    async def retry(self, job_id: str, *, hf_token: str | None = None) -> Job:
+        """Retry a failed or cancelled job as a new job (``POST /v1/jobs/{id}/retry``): same model, commit and
+        settings, ``retry_of`` = this job, its finished stages reused. ``hf_token`` when the job pushes."""
+        body = {"hf_token": hf_token} if hf_token else None
+        return Job.from_dict(await self._json("POST", self._job_path(job_id, "/retry"), json=body))
+
     async def delete(self, job_id: str) -> None:
         """Delete a finished job, its rows and its stored files (``DELETE /v1/jobs/{id}``; 409 while it runs)."""
         await self._send("DELETE", self._job_path(job_id))

@@ -82,6 +82,8 @@ class Job(_Model):
     model: str | None = None
     revision: str | None = None
     resolved_revision: str | None = None
+    retry_of: str | None = None
+    settings: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
     bits: list[int] | None = None
     sensitivity: str | None = None

@@ -1,5 +1,5 @@
-"""Remote commands of ``mopeq`` (the service over HTTP): submit, status, wait, cancel, bitmap, estimate, jobs,
-download. ``mopeq_client/cli.py`` is the light distribution's ``mopeq`` (these commands alone); the full
+"""Remote commands of ``mopeq`` (the service over HTTP): submit, status, wait, cancel, retry, bitmap, estimate,
+jobs, download. ``mopeq_client/cli.py`` is the light distribution's ``mopeq`` (these commands alone); the full
 distribution's ``mopeq`` (``app/cli.py``) adds ``quantize`` and ``admin``.
 
 Every command takes ``--url`` / ``--api-key`` (else ``MOPEQ_URL`` / ``MOPEQ_API_KEY``) and ``--json`` for
@@ -37,7 +37,7 @@ from mopeq_client.errors import (
     ServiceUnreachableError,
     WaitTimeoutError,
 )
-from mopeq_client.sdk import Job, MopeqClient, bitmap_rows
+from mopeq_client.sdk import Estimate, Job, MopeqClient, bitmap_rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MoPEQ service commands (remote).")
 err = Console(stderr=True, highlight=False)
@@ -264,15 +264,38 @@ def submit(
             format=fmt, low_memory=True if low_memory else None, seed=seed,
             trust_remote_code=True if trust_remote_code else None, push=push or private or bool(push_repo),
             push_repo=push_repo or None, private=True if private else None, hf_token=hf_token or None)
-        if not wait:
-            if as_json:
-                _out(job.raw)
-            else:
-                _print_job(job)
-            raise typer.Exit(EXIT_OK)
-        err.print(f"submitted job {job.id}")
-        _finish(client, job.id, progress=not no_progress, timeout=timeout, max_ppl_increase=max_ppl_increase,
-                as_json=as_json)
+        _show_or_follow(client, job, "submitted", wait=wait, no_progress=no_progress, timeout=timeout,
+                        max_ppl_increase=max_ppl_increase, as_json=as_json)
+
+
+def _show_or_follow(client: Any, job: Any, verb: str, *, wait: bool, no_progress: bool, timeout: float | None,
+                    max_ppl_increase: float | None, as_json: bool) -> None:
+    if not wait:
+        if as_json:
+            _out(job.raw)
+        else:
+            _print_job(job)
+        raise typer.Exit(EXIT_OK)
+    err.print(f"{verb} job {job.id}")
+    _finish(client, job.id, progress=not no_progress, timeout=timeout, max_ppl_increase=max_ppl_increase,
+            as_json=as_json)
+
+
+@app.command()
+def retry(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    hf_token: Annotated[str | None, typer.Option("--hf-token", envvar="MOPEQ_HF_TOKEN", show_envvar=True,
+                                                 help="Hub token for the new job (needed when it pushes)")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the new job to its end; exit code from its status")]
+    = False,
+    max_ppl_increase: MaxPpl = None, timeout: Timeout = None, no_progress: NoProgress = False,
+    as_json: AsJson = False, url: Url = None, api_key: ApiKey = None,
+) -> None:
+    """Retry a failed or cancelled job as a new job (same model, commit and settings; finished stages reused)."""
+    with _errors(as_json), _client(url, api_key) as client:
+        job = client.retry(job_id, hf_token=hf_token or None)
+        _show_or_follow(client, job, f"retrying {job_id} as", wait=wait, no_progress=no_progress, timeout=timeout,
+                        max_ppl_increase=max_ppl_increase, as_json=as_json)
 
 
 @app.command()
@@ -361,6 +384,12 @@ def estimate(
     with _errors(as_json), _client(url, api_key) as client:
         est = client.estimate(model, revision=revision, bits=bit_list, group_size=group_size, avg_bits=avg_bits,
                               budget_gb=budget_gb)
+    show_estimate(est, as_json)
+
+
+def show_estimate(est: Estimate, as_json: bool) -> None:
+    """Print an estimate (the service's, or the full distribution's ``--local`` one); exit 2 when the budget asked
+    about is infeasible."""
     if as_json:
         _out(est.raw)
     else:

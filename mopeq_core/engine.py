@@ -123,6 +123,9 @@ class StageState:
     def mark(self, stage: str) -> None:
         (self.dir / f"{stage}.done").write_text(str(time.time()))
 
+    def forget(self, stage: str) -> None:
+        (self.dir / f"{stage}.done").unlink(missing_ok=True)
+
     def write_json(self, stage: str, data: dict) -> None:
         tmp = self.dir / f"{stage}.json.tmp"
         tmp.write_text(json.dumps(data, default=_json_default))
@@ -175,11 +178,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def fingerprint(cfg) -> str:
-    """What decides the stage results; neither the device nor the cache policy does."""
+def fingerprint(cfg, model_identity: str | None = None) -> str:
+    """What decides the stage results; neither the device nor the cache policy does. ``model_identity`` stands for
+    ``cfg.model`` when that names a private copy whose path changes from run to run (the service's snapshots)."""
     d = cfg.to_public_dict()
     d.pop("device", None)
     d.pop("low_memory", None)
+    if model_identity is not None:
+        d["model"] = model_identity
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -206,20 +212,27 @@ def resident_limit_bytes() -> int:
 # entry point
 # =====================================================================================================================
 def run(cfg, out_dir, *, state_dir=None, on_event: EventHook | None = None, should_cancel: CancelHook | None = None,
-        hooks: EngineHooks | None = None, spill_bytes: int | None = None) -> RunSummary:
-    """Quantize ``cfg.model`` into ``out_dir`` (see the module docstring)."""
-    return _Run(cfg, Path(out_dir), state_dir, on_event, should_cancel, hooks or EngineHooks(), spill_bytes).run()
+        hooks: EngineHooks | None = None, spill_bytes: int | None = None,
+        model_identity: str | None = None) -> RunSummary:
+    """Quantize ``cfg.model`` into ``out_dir`` (see the module docstring). Finished stages in ``state_dir`` whose
+    fingerprint (the config, with ``model_identity`` for the model when given) matches are reused."""
+    return _Run(cfg, Path(out_dir), state_dir, on_event, should_cancel, hooks or EngineHooks(), spill_bytes,
+                model_identity).run()
 
 
 class _Run:
-    def __init__(self, cfg, out_dir: Path, state_dir, on_event, should_cancel, hooks: EngineHooks, spill_bytes):
+    def __init__(self, cfg, out_dir: Path, state_dir, on_event, should_cancel, hooks: EngineHooks, spill_bytes,
+                 model_identity: str | None = None):
         from .apply import QuantSettings
         from .streaming import DEFAULT_SPILL_BYTES
 
         cfg.validate()
         self.cfg, self.out_dir, self.hooks = cfg, out_dir, hooks
         self.own_state = state_dir is None
-        self.state = StageState(Path(state_dir) if state_dir else out_dir / ".mopeq-state", fingerprint(cfg))
+        self.state = StageState(Path(state_dir) if state_dir else out_dir / ".mopeq-state",
+                                fingerprint(cfg, model_identity))
+        if self.state.done("fetch") and self.state.read_json("fetch").get("model", cfg.model) != cfg.model:
+            self.state.forget("fetch")  # it names another copy of the same model (a retried service job's)
         self.prog = Progress(on_event, should_cancel)
         self.qs = QuantSettings(cfg.quantizer, cfg.group_size, cfg.symmetric, cfg.act_order)
         self.device = torch.device(cfg.device)
@@ -235,6 +248,7 @@ class _Run:
 
         class _T:
             def __enter__(self):
+                self.resumed = run.state.done(name)
                 run.prog.start(name)
                 if run.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(run.device)
@@ -250,8 +264,10 @@ class _Run:
                         t["bytes_read"] = run.stream.bytes_read - self.reads0
                     if run.device.type == "cuda":
                         t["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)
+                    if self.resumed:
+                        t["resumed"] = True
                     run.timings[name] = t
-                    run.prog.emit(1.0, "finished")
+                    run.prog.emit(1.0, "reused from its stage files" if self.resumed else "finished")
         return _T()
 
     def run(self) -> RunSummary:
@@ -293,7 +309,7 @@ class _Run:
             resolved = resolve_model(cfg.model, revision=cfg.revision, token=cfg.token,
                                      allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
             self.model_path, self.revision = resolved.path, resolved.revision
-            st.write_json("fetch", {"path": str(self.model_path), "revision": self.revision})
+            st.write_json("fetch", {"path": str(self.model_path), "revision": self.revision, "model": cfg.model})
             st.mark("fetch")
         resident = not cfg.low_memory
         if resident and not cfg.allow_pickle:

@@ -253,7 +253,9 @@ def _check_config(config: Any, where: str, trust_remote_code: bool) -> dict[str,
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= limit:
                 raise UserInputError(f"{where}/config.json claims {key}={str(v)[:40]}, which is not a size any "
                                      f"model has (at most {limit}); refusing to build it")
-    if "auto_map" in config and not trust_remote_code:
+    from .models import is_native
+
+    if "auto_map" in config and not trust_remote_code and not is_native(config):
         raise RemoteCodeRequiredError(
             f"{where} needs remote code (config.json has auto_map: {sorted(config['auto_map'])}); running it "
             "executes Python from the repo. The server runs it only for repos its operator allows "

@@ -357,8 +357,10 @@ def _install_packed(group: ExpertGroup, info: dict, tensors: dict[str, torch.Ten
 def _check_remote_code(raw: dict, path: Path, trust_remote_code: bool) -> None:
     """A remote-code artifact needs trust and its modeling files beside config.json; say so instead of letting
     transformers fail with an OSError/ValueError (or prompt on stdin)."""
+    from .models import is_native
+
     auto_map = raw.get("auto_map")
-    if not auto_map:
+    if not auto_map or is_native(raw):  # native implementation: the auto_map is not used
         return
     from .errors import RemoteCodeRequiredError
 
@@ -377,6 +379,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
                    attn_implementation: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    from .models import trust_for
     from .multimodal import auto_model_class
 
     path = Path(path)
@@ -390,6 +393,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     qc = raw.get("quantization_config") or {}
     if qc.get("quant_method") != "mopeq":
         raise ArtifactError(f"{cfg_file} has no mopeq quantization_config; load it with from_pretrained instead")
+    trust_remote_code = trust_for(raw, trust_remote_code)  # a native model_type wins over auto_map
     _check_remote_code(raw, path, trust_remote_code)
     tensors = _read_shards(path, _read_index(path))
 

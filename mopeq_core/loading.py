@@ -50,14 +50,18 @@ def _check_files(names: list[str], where: str, allow_pickle: bool) -> None:
 
 
 def check_config(config: dict, where: str, trust_remote_code: bool) -> None:
-    if "auto_map" in config and not trust_remote_code:
+    from .models import is_native, register_all
+
+    register_all()
+    native = is_native(config)  # implemented here: the repo's auto_map (remote code) is never used
+    if "auto_map" in config and not trust_remote_code and not native:
         raise RemoteCodeRequiredError(
             f"{where} needs remote code (its config.json has auto_map: {sorted(config['auto_map'])}). Remote code "
             "runs arbitrary Python from the repo; pass --trust-remote-code only if you trust it.")
     model_type = config.get("model_type")
     if not model_type:
         raise UnsupportedArchitectureError(f"{where}/config.json has no model_type")
-    if "auto_map" not in config:
+    if "auto_map" not in config or native:
         from transformers import CONFIG_MAPPING
 
         if model_type not in CONFIG_MAPPING:
@@ -199,9 +203,11 @@ def load_model(path: Path, *, device: str = "cpu", dtype=None, trust_remote_code
     import torch
     from transformers import AutoConfig
 
+    from .models import trust_for
     from .multimodal import auto_model_class
 
     dtype = dtype or torch.float32
+    trust_remote_code = trust_for(path, trust_remote_code)  # a native model_type wins over auto_map
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model, info = auto_model_class(config).from_pretrained(

@@ -4,8 +4,8 @@ Two layouts exist:
 - ``fused``: transformers 5 ``*Experts`` modules (decorated with ``use_experts_implementation``) holding 3-D
   parameters ``gate_up_proj`` [E, 2F, H] (or ``up_proj`` when ``has_gate`` is False) and ``down_proj`` [E, H, F];
   ``is_transposed`` modules (gpt-oss, Aria) store each expert as [in, out] and may carry biases.
-- ``modulelist``: an ``nn.ModuleList`` of per-expert MLPs made of ``nn.Linear`` (remote-code DeepSeek-VL2 / MolmoE
-  and older code).
+- ``modulelist``: an ``nn.ModuleList`` of per-expert MLPs made of ``nn.Linear`` (the native DeepSeek-VL2 and
+  MolmoE of ``mopeq_core.models``, and remote code).
 
 Every projection is exposed in ``nn.Linear`` orientation [out, in] so quantizers see one shape convention.
 Shared experts and dense MLPs are not routed experts and stay out of the bit map.

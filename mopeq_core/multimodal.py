@@ -46,8 +46,9 @@ def is_vlm_config(config) -> bool:
     from transformers.models.auto import modeling_auto as ma
 
     mt = getattr(config, "model_type", None)
-    vlm = mt in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    causal = mt in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    # names: transformers' own models; the mappings also hold classes registered at run time (mopeq_core.models)
+    vlm = mt in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or type(config) in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    causal = mt in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or type(config) in ma.MODEL_FOR_CAUSAL_LM_MAPPING
     # Llama 4's composite config maps to both; its vision_config says which one holds the whole checkpoint.
     return vlm and (not causal or getattr(config, "vision_config", None) is not None)
 
@@ -69,7 +70,10 @@ def load_processor(path: str | Path, *, trust_remote_code: bool = False):
     """The model's processor when it has an image processor, else None (text-only models)."""
     from transformers import AutoProcessor
 
+    from .models import trust_for
+
     path = Path(path)
+    trust_remote_code = trust_for(path, trust_remote_code)
     if not any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
         return None
     try:

@@ -119,10 +119,12 @@ class ModelStream:
 
         _fixed_mmap_threshold()
         from .loader import _parameters_on_meta
+        from .models import trust_for
         from .moe import find_expert_groups
         from .multimodal import auto_model_class
 
         ckpt = SafetensorsCheckpoint(path)
+        trust_remote_code = trust_for(path, trust_remote_code)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         try:
             with _parameters_on_meta():

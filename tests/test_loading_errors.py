@@ -127,9 +127,21 @@ def test_remote_code_needs_trust(copy_of, no_hub):
 
 def test_remote_code_with_unknown_model_type_needs_trust_first(copy_of, no_hub):
     src = copy_of()
-    _edit_config(src, model_type="deepseek_vl_v2", auto_map={"AutoModelForCausalLM": "m.X"})
+    _edit_config(src, model_type="mopeq_unknown_remote", auto_map={"AutoModelForCausalLM": "m.X"})
     with pytest.raises(RemoteCodeRequiredError):
         resolve_model(str(src))
+
+
+def test_native_model_type_ignores_auto_map(copy_of, no_hub):
+    """DeepSeek-VL2 is implemented natively (mopeq_core.models): its auto_map never asks for remote code."""
+    from mopeq_core.estimate import inspect_local
+    from mopeq_core.models import trust_for
+
+    src = copy_of()
+    _edit_config(src, model_type="deepseek_vl_v2", auto_map={"AutoModelForCausalLM": "m.X"})
+    assert resolve_model(str(src)).path == src.resolve()
+    assert inspect_local(src).config["model_type"] == "deepseek_vl_v2"
+    assert trust_for(src, True) is False
 
 
 @pytest.fixture()
@@ -364,7 +376,7 @@ def test_online_remote_code_refused_before_download(online, hub_mock, monkeypatc
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("download attempted")))
     hub_mock.get("/api/models/org/remote").respond(200, json=_model_info(
         "org/remote", ["config.json", "model.safetensors", "modeling_x.py"],
-        config={"model_type": "deepseek_vl_v2", "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+        config={"model_type": "mopeq_unknown_remote", "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
     with pytest.raises(RemoteCodeRequiredError, match="--trust-remote-code"):
         resolve_model("org/remote")
     assert _requests(hub_mock) == ["GET /api/models/org/remote"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,6 +188,29 @@ def test_cancel_then_resume_skips_finished_stages_and_matches_a_clean_run(tiny_d
     engine.run(_cfg(tiny_dir, sensitivity="frequency", quantizer="rtn", eval_file=None), tmp_path / "c",
                      state_dir=state)
     assert json.loads((state / "sensitivity.json").read_text()).keys() == {"frequency"}
+
+
+def test_model_identity_lets_a_copy_at_another_path_reuse_finished_stages(tiny_dir, tmp_path):
+    """The service runs each job on its own copy of a local model: with the same model_identity the stages of one
+    copy serve the other (fetch is redone for the new path), with another identity nothing is reused."""
+    for name in ("m1", "m2"):
+        shutil.copytree(tiny_dir, tmp_path / name)
+    cfg = _cfg(tmp_path / "m1", sensitivity="frequency", quantizer="rtn", eval_file=None)
+    state, seen = tmp_path / "state", []
+    with pytest.raises(CancelledError):
+        engine.run(cfg, tmp_path / "a", state_dir=state, on_event=seen.append, model_identity="tiny@1",
+                   should_cancel=lambda: bool(seen) and seen[-1].stage == "allocate")
+    copy = dataclasses.replace(cfg, model=str(tmp_path / "m2"))
+    events = []
+    resumed = engine.run(copy, tmp_path / "b", state_dir=state, model_identity="tiny@1", on_event=events.append)
+    stages = resumed.report["stages"]
+    assert [s for s in STAGES if stages[s].get("resumed")] == ["calibrate", "sensitivity"]
+    assert {e.stage for e in events if e.message == "reused from its stage files"} == {"calibrate", "sensitivity"}
+    assert json.loads((state / "fetch.json").read_text())["path"] == str(tmp_path / "m2")
+    clean = engine.run(copy, tmp_path / "c")
+    assert resumed.bitmap["layers"] == clean.bitmap["layers"]
+    other = engine.run(copy, tmp_path / "d", state_dir=state, model_identity="tiny@2")
+    assert not any(v.get("resumed") for v in other.report["stages"].values())
 
 
 def test_bad_inputs_raise_user_errors(tiny_dir, tmp_path):

@@ -17,7 +17,7 @@ from app.core.config import Settings, get_settings
 from app.core.security import Keyring
 from app.db.models import Job, Worker, utcnow
 from app.db.session import make_engine, make_sessionmaker
-from app.services.events import add_event
+from app.services import job_state
 
 log = logging.getLogger("mopeq.worker")
 
@@ -105,12 +105,10 @@ class WorkerContext:
         msg = (f"job timed out: no progress check for {limit:.0f} s past the start (MOPEQ_JOB_TIMEOUT_S="
                f"{self.settings.JOB_TIMEOUT_S}); the worker was restarted")
         with self.factory() as db, db.begin():
-            res = db.execute(update(Job).where(Job.id == cur.job_id, Job.worker_id == self.worker_id,
-                                               Job.status == "running").values(
-                status="failed", error=msg, error_code="timeout", finished_at=utcnow(), hf_token_enc=None))
-            if res.rowcount:
-                add_event(db, cur.job_id, "status", status="failed", message=msg)
-        if res.rowcount:
+            failed = job_state.transition(db, cur.job_id, "failed", expect="running",
+                                          where=(Job.worker_id == self.worker_id,), message=msg, error=msg,
+                                          error_code="timeout")
+        if failed:
             from worker.recovery import remove_job_files
 
             remove_job_files(self, cur.job_id)  # no partial artifacts or stage files are left behind

@@ -13,11 +13,11 @@ import os
 import shutil
 from typing import Any, Protocol
 
-from sqlalchemy import and_, delete, false, or_, select, update
+from sqlalchemy import delete, false, func, or_, select, update
 
 from app.core.celery_conf import enqueue
 from app.db.models import Artifact, Job, Worker, utcnow
-from app.services.events import add_event
+from app.services import job_state
 from app.services.storage import get_store
 
 
@@ -41,28 +41,28 @@ def claim(ctx: WorkerContext, job_id: str) -> bool:
     of a dead worker), which counts as a recovery."""
     now = utcnow()
     stale = now - dt.timedelta(seconds=ctx.settings.HEARTBEAT_STALE_S)
-    taken = {"status": "running", "worker_id": ctx.worker_id, "heartbeat_at": now, "attempts": Job.attempts + 1,
-             "updated_at": now}
+    taken = {"worker_id": ctx.worker_id, "heartbeat_at": now, "attempts": Job.attempts + 1,
+             "started_at": func.coalesce(Job.started_at, now)}
     with ctx.factory() as db, db.begin():
-        res = db.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(**taken)
-                         .execution_options(synchronize_session=False))
-        if res.rowcount == 1:
-            return True
+        row = db.execute(select(Job.attempts, Job.stage).where(Job.id == job_id)).first()
+        if row is None:
+            return False
+        attempts, stage = row
+        message = (f"resumed by worker {ctx.worker_id} (attempt {attempts + 1}); finished stages are skipped"
+                   if attempts else f"started on worker {ctx.worker_id}")
+
+        def to_running(expect: str, *where: Any, **values: Any) -> bool:
+            return job_state.transition(db, job_id, "running", expect=expect, where=where, message=message,
+                                        event_stage=stage, **taken, **values)
+
         # Our own claim, left 'running' when releasing it failed (e.g. the database was down when a transient error
-        # hit); claim() is only called between jobs, so this worker is not running it: resume it (not a recovery).
-        res = db.execute(update(Job).where(Job.id == job_id, Job.status == "running",
-                                           Job.worker_id == ctx.worker_id).values(**taken)
-                         .execution_options(synchronize_session=False))
-        if res.rowcount == 1:
-            return True
-        res = db.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.worker_id != ctx.worker_id,
-                   Job.recoveries < ctx.settings.MAX_RECOVERIES,
-                   or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
-            .values(recoveries=Job.recoveries + 1, **taken)
-            .execution_options(synchronize_session=False))
-        return res.rowcount == 1
+        # hit), is resumed (not a recovery): claim() is only called between jobs, so this worker is not running it.
+        # A dead worker's job (stale heartbeat: a redelivered message) counts as a recovery.
+        return (to_running("queued")
+                or to_running("running", Job.worker_id == ctx.worker_id)
+                or to_running("running", Job.worker_id != ctx.worker_id, Job.recoveries < ctx.settings.MAX_RECOVERIES,
+                              or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
+                              recoveries=Job.recoveries + 1))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,10 +89,17 @@ def dead_worker_ids(ctx: WorkerContext) -> set[str]:
     return dead
 
 
-def remove_job_files(ctx: WorkerContext, job_id: str) -> None:
+def remove_job_files(ctx: WorkerContext, job_id: str, keep_stages: bool = False) -> None:
     """The job's files in this worker's work dir and everything stored for it, after its file artifact rows (a job
-    that failed after recording them, e.g. in its push, lists no file that is gone). Hub pushes stay listed."""
-    shutil.rmtree(ctx.settings.work_dir / job_id, ignore_errors=True)
+    that failed after recording them, e.g. in its push, lists no file that is gone). Hub pushes stay listed.
+    ``keep_stages``: a failed or cancelled job's stage files stay (MOPEQ_RETRY_STATE_HOURS) for a retry to reuse."""
+    work = ctx.settings.work_dir / job_id
+    if keep_stages and ctx.settings.RETRY_STATE_HOURS > 0 and (work / "state").is_dir():
+        for p in work.iterdir():
+            if p.name != "state":
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     try:
         with ctx.factory() as db, db.begin():
             db.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "file"))
@@ -131,45 +138,55 @@ def sweep(ctx: WorkerContext) -> dict[str, int]:
         unpublished = list(db.scalars(select(Job.id).where(
             Job.status == "queued", Job.enqueued_at.is_(None), Job.created_at < now - dt.timedelta(seconds=10))))
     for job in orphans:
-        cond = and_(Job.id == job.id, Job.status == "running", Job.worker_id == job.worker_id,
-                    Job.heartbeat_at == job.heartbeat_at if job.heartbeat_at else Job.heartbeat_at.is_(None))
+        mine = (Job.worker_id == job.worker_id,
+                Job.heartbeat_at == job.heartbeat_at if job.heartbeat_at else Job.heartbeat_at.is_(None))
         who = job.worker_id or "unknown"
         with ctx.factory() as db, db.begin():
             if job.cancel_requested:
-                res = db.execute(update(Job).where(cond).values(
-                    status="cancelled", finished_at=now, hf_token_enc=None, error_code="cancelled",
-                    error="cancelled (its worker was lost)", updated_at=now))
-                if res.rowcount:
-                    add_event(db, job.id, "status", status="cancelled", message=f"worker {who} lost; job cancelled")
+                if job_state.transition(db, job.id, "cancelled", expect="running", where=mine,
+                                        message=f"worker {who} lost; job cancelled", error_code="cancelled",
+                                        error="cancelled (its worker was lost)", finished_at=now):
                     counts["cancelled"] += 1
-                    remove_job_files(ctx, job.id)
+                    remove_job_files(ctx, job.id, keep_stages=True)
                 continue
             if job.recoveries >= s.MAX_RECOVERIES:
                 msg = (f"its worker was lost {job.recoveries + 1} times (last: {who}); giving up after "
                        f"MOPEQ_MAX_RECOVERIES={s.MAX_RECOVERIES} resumes")
-                res = db.execute(update(Job).where(cond).values(
-                    status="failed", finished_at=now, hf_token_enc=None, error=msg, error_code="worker_lost",
-                    updated_at=now))
-                if res.rowcount:
-                    add_event(db, job.id, "status", status="failed", message=msg)
+                if job_state.transition(db, job.id, "failed", expect="running", where=mine, message=msg, error=msg,
+                                        error_code="worker_lost", finished_at=now):
                     counts["failed"] += 1
-                    remove_job_files(ctx, job.id)
+                    remove_job_files(ctx, job.id, keep_stages=True)
                 continue
-            res = db.execute(update(Job).where(cond).values(status="queued", worker_id=None, heartbeat_at=None,
-                                                            recoveries=Job.recoveries + 1, enqueued_at=None,
-                                                            updated_at=now))
-            if res.rowcount:
-                add_event(db, job.id, "status", status="queued", stage=job.stage,
-                          message=f"worker {who} lost; job re-queued, it resumes from its last finished stage")
-                counts["requeued"] += 1
-        if res.rowcount:
+            requeued = job_state.transition(
+                db, job.id, "queued", expect="running", where=mine, event_stage=job.stage,
+                message=f"worker {who} lost; job re-queued, it resumes from its last finished stage",
+                worker_id=None, heartbeat_at=None, recoveries=Job.recoveries + 1, enqueued_at=None)
+        if requeued:
+            counts["requeued"] += 1
             _publish(ctx, job.id)
     for job_id in unpublished:
         if _publish(ctx, job_id):
             counts["published"] += 1
+    counts["pruned"] = prune_work_dirs(ctx, now)
     if any(counts.values()):
         log.info("recovery sweep: %s", counts)
     return counts
+
+
+def prune_work_dirs(ctx: WorkerContext, now: dt.datetime) -> int:
+    """Remove the work dirs of jobs that are gone (deleted, expired), and the stage files kept for a retry once the
+    job finished more than MOPEQ_RETRY_STATE_HOURS ago. Returns how many went."""
+    root = ctx.settings.work_dir
+    names = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    if not names:
+        return 0
+    cutoff = now - dt.timedelta(hours=ctx.settings.RETRY_STATE_HOURS)
+    with ctx.factory() as db:
+        rows = dict(db.execute(select(Job.id, Job.finished_at).where(Job.id.in_(names))).tuples().all())
+    gone = [n for n in names if n not in rows or (rows[n] is not None and rows[n] < cutoff)]
+    for name in gone:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return len(gone)
 
 
 def _forget_lost_publishes(ctx: WorkerContext) -> None:

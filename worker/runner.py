@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import hashlib
 import json
 import logging
 import shutil
@@ -19,7 +20,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.core.security import forget_secret, redact, register_secret
 from app.db.models import Artifact, ExpertAllocation, Job, utcnow
-from app.services import tenant_files
+from app.services import job_settings, job_state, tenant_files
 from app.services.errors import error_code
 from app.services.events import add_event
 from app.services.storage import StoredFile, get_store, tree_bytes
@@ -126,11 +127,16 @@ class JobRun:
                 add_event(db, self.job_id, **event)
             return res.rowcount == 1
 
+    def _transition(self, db: Any, to: str, message: str, **values: Any) -> bool:
+        """This worker's claimed job from running to ``to`` (the state machine writes it with its event)."""
+        return job_state.transition(db, self.job_id, to, expect="running",
+                                    where=(Job.worker_id == self.ctx.worker_id,), message=message,
+                                    event_stage=self.stage, timings=self.timings, **values)
+
     def _finish(self, status: str, message: str, *, error: str | None = None, code: str | None = None,
                 **values: Any) -> bool:
-        ok = self._update({"kind": "status", "status": status, "stage": self.stage, "message": message},
-                          status=status, finished_at=utcnow(), hf_token_enc=None, error=error, error_code=code,
-                          timings=self.timings, **values)
+        with self.ctx.factory() as db, db.begin():
+            ok = self._transition(db, status, message, error=error, error_code=code, **values)
         if not ok:
             log.warning("job %s: could not record '%s' (claim lost)", self.job_id, status)
         return ok
@@ -215,13 +221,7 @@ class JobRun:
         self.timings = dict(job.timings or {})
         self.stage = job.stage
         self.attempt = job.attempts
-        resumed = job.attempts > 1
         try:
-            self._update({"kind": "status", "status": "running", "stage": job.stage,
-                          "message": (f"resumed by worker {self.ctx.worker_id} (attempt {job.attempts}); finished "
-                                      "stages are skipped" if resumed else
-                                      f"started on worker {self.ctx.worker_id}")},
-                         started_at=job.started_at or utcnow())
             if job.hf_token_enc:
                 self.token = self.ctx.keyring.decrypt(job.hf_token_enc)
                 register_secret(self.token)
@@ -231,10 +231,12 @@ class JobRun:
             self._check_disk(job)
             from mopeq_core.engine import run
 
+            if job.retry_of:
+                self._adopt_stages(job.retry_of)
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             result = run(cfg, self.out_dir, state_dir=self.state_dir, on_event=self.on_event,
-                         should_cancel=self.should_cancel)
+                         should_cancel=self.should_cancel, model_identity=self._model_identity(job, cfg))
             self._check_quota_after_export()
             self._close_stage()
             self._hide_server_paths(job)
@@ -250,7 +252,7 @@ class JobRun:
         except UserInputError as exc:
             msg = redact(str(exc))
             self._finish("failed", f"failed: {msg}", error=msg, code=error_code(exc))
-            remove_job_files(self.ctx, self.job_id)
+            remove_job_files(self.ctx, self.job_id, keep_stages=True)
             return "failed"
         except DiskSpaceError as exc:
             self._finish("failed", f"failed: {exc}", error=str(exc), code="disk_space")
@@ -268,7 +270,7 @@ class JobRun:
             log.exception("job %s failed in stage %s", self.job_id, self.stage)
             msg = redact(f"internal error in stage {self.stage or 'setup'}: {type(exc).__name__}: {exc}")[:2000]
             self._finish("failed", msg, error=msg, code="internal")
-            remove_job_files(self.ctx, self.job_id)
+            remove_job_files(self.ctx, self.job_id, keep_stages=True)
             return "failed"
 
     def _close_stage(self) -> None:
@@ -285,7 +287,7 @@ class JobRun:
         if self.timed_out:
             msg = f"job timed out after {self.s.JOB_TIMEOUT_S} s (MOPEQ_JOB_TIMEOUT_S)"
             self._finish("failed", msg, error=msg, code="timeout")
-            remove_job_files(self.ctx, self.job_id)
+            remove_job_files(self.ctx, self.job_id, keep_stages=True)
             return "failed"
         if self.ctx.shutdown.is_set() and not self.cancel_flag:
             with self.ctx.factory() as db:
@@ -296,26 +298,19 @@ class JobRun:
                 return "released"
         self._close_stage()
         with self.ctx.factory() as db, db.begin():
-            res = db.execute(update(Job).where(*self._mine()).values(
-                status="cancelled", finished_at=utcnow(), hf_token_enc=None, error="cancelled by the user",
-                error_code="cancelled", timings=self.timings, updated_at=utcnow()))
-            if res.rowcount:
+            if self._transition(db, "cancelled", "cancelled; its files were removed (its stage files stay for a retry)",
+                                error="cancelled by the user", error_code="cancelled"):
                 db.execute(delete(ExpertAllocation).where(ExpertAllocation.job_id == self.job_id))
                 db.execute(delete(Artifact).where(Artifact.job_id == self.job_id))
-                add_event(db, self.job_id, "status", status="cancelled", stage=self.stage,
-                          message="cancelled; its files were removed")
-        remove_job_files(self.ctx, self.job_id)
+        remove_job_files(self.ctx, self.job_id, keep_stages=True)
         return "cancelled"
 
     def _release(self, message: str, republish: bool = False) -> None:
         try:
             with self.ctx.factory() as db, db.begin():
                 # A Celery retry publishes the task again itself (enqueued_at set); otherwise publish below.
-                res = db.execute(update(Job).where(*self._mine()).values(
-                    status="queued", worker_id=None, heartbeat_at=None, timings=self.timings,
-                    enqueued_at=None if republish else utcnow(), updated_at=utcnow()))
-                if res.rowcount:
-                    add_event(db, self.job_id, "status", status="queued", stage=self.stage, message=message)
+                self._transition(db, "queued", message, worker_id=None, heartbeat_at=None,
+                                 enqueued_at=None if republish else utcnow())
         except Exception as exc:  # noqa: BLE001 - the database may be what failed; the sweep recovers it later
             log.warning("job %s: could not release the claim (%s)", self.job_id, type(exc).__name__)
             return
@@ -326,8 +321,6 @@ class JobRun:
 
     # ---- pieces ----------------------------------------------------------------------------------------------------
     def _config(self, job: Job):
-        from mopeq_core.config import Budget, QuantizeConfig
-
         if job.model_source == "local":
             # The engine reads a private copy made from files checked as they were opened, never the tenant's
             # directory itself (app.services.tenant_files); data files are checked the same way.
@@ -337,25 +330,43 @@ class JobRun:
             model, revision = str(view), None
         else:
             model, revision = job.model, job.resolved_revision or job.revision
-        for what, data in (("calibration file", job.calib_file), ("evaluation file", job.eval_file)):
+        cfg = job_settings.to_config(job.settings, model=model, revision=revision, device=self._device(),
+                                     allow_pickle=self.s.ALLOW_PICKLE, token=self.token)
+        for what, data in (("calibration file", cfg.calib_file), ("evaluation file", cfg.eval_file)):
             if data:
                 tenant_files.check_file(Path(data), self.s.model_roots, where=what)
-        opts = job.options or {}
-        cfg = QuantizeConfig(
-            model=model, revision=revision, budget=Budget(avg_bits=job.budget_avg_bits, gb=job.budget_gb),
-            bits=tuple(job.bits), sensitivity=job.sensitivity, allocator=job.allocator, scope=job.scope,
-            granularity=job.granularity, quantizer=job.quantizer, cost=opts.get("cost", "output"),
-            sequential=bool(opts.get("sequential", True)), group_size=job.group_size,
-            symmetric=job.symmetric, act_order=bool(opts.get("act_order", False)), probes=job.probes,
-            calib_file=job.calib_file, calib_samples=job.calib_samples, seq_len=job.seq_len,
-            eval_file=job.eval_file, eval_samples=job.eval_samples,
-            eval_suites=tuple(opts.get("eval_suites") or ()), eval_suite_limit=opts.get("eval_suite_limit"),
-            device=self._device(),
-            low_memory=bool(opts.get("low_memory", False)), format=job.format,
-            trust_remote_code=job.trust_remote_code, allow_pickle=self.s.ALLOW_PICKLE,
-            seed=int(opts.get("seed", 0)), token=self.token)
         cfg.validate()
         return cfg
+
+    def _model_identity(self, job: Job, cfg: Any) -> str:
+        """What the engine's stage fingerprint names as the model: the model as submitted, with the size and mtime
+        of its files when local (the per-job snapshot's path changes, its files may not) and of the data files."""
+        files: list[tuple[str, Path]] = []
+        if job.model_source == "local":
+            files += tenant_files.model_files(Path(job.model_path or job.model), self.s.model_roots, where=job.model)
+        files += [(p, Path(p)) for p in (cfg.calib_file, cfg.eval_file) if p]
+        h = hashlib.sha256()
+        for name, path in sorted(files):
+            st = path.stat()
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        return f"{job.model}@{h.hexdigest()[:32]}"
+
+    def _adopt_stages(self, old_id: str) -> None:
+        """A retry starts from the stage files its failed or cancelled job left on this worker (the engine reuses
+        those whose fingerprint, i.e. inputs and settings, still match). Not here (another machine, pruned): the
+        job starts from the beginning. An attempt that already has stage files of its own keeps them."""
+        src = self.s.work_dir / old_id / "state"
+        if (self.state_dir / "config.sha256").exists() or not (src / "config.sha256").is_file():
+            return
+        try:
+            shutil.copytree(src, self.state_dir, dirs_exist_ok=True)
+        except OSError as exc:  # pruned meanwhile: start fresh
+            log.warning("job %s: could not copy the stage files of job %s (%s)", self.job_id, old_id, exc)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            return
+        done = [s for s in STAGE_ORDER if (self.state_dir / f"{s}.done").exists()]
+        self._update({"kind": "log", "message": f"retry of job {old_id}: its finished stages ({', '.join(done)}) "
+                                                "are reused where the inputs are unchanged"})
 
     def _device(self) -> str:
         dev = self.s.WORKER_DEVICE
@@ -507,7 +518,7 @@ class JobRun:
         from worker.push import push_folder
 
         avg = (json.loads((self.out_dir / "bitmap.json").read_text()).get("avg_bits")
-               if (self.out_dir / "bitmap.json").is_file() else job.budget_avg_bits)
+               if (self.out_dir / "bitmap.json").is_file() else job.settings["budget"]["avg_bits"])
         try:
             res = push_folder(self.out_dir, model=job.model, avg_bits=avg, token=self.token,
                               repo_id=job.push_repo_id, private=job.push_private)

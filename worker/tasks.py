@@ -6,12 +6,10 @@ import logging
 
 from celery import shared_task
 from celery.exceptions import Reject
-from sqlalchemy import update
 
 from app.core.celery_conf import TASK_NAME
 from app.core.config import get_settings
-from app.db.models import Job, utcnow
-from app.services.events import add_event
+from app.services import job_state
 from worker.context import get_context
 from worker.runner import TransientError, run_job
 
@@ -31,10 +29,8 @@ def run_job_task(self, job_id: str) -> str:
         if self.request.retries >= self.max_retries:
             msg = f"gave up after {self.max_retries} retries of a transient error: {exc}"
             with ctx.factory() as db, db.begin():
-                res = db.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
-                    status="failed", error=msg, error_code="transient", finished_at=utcnow(), hf_token_enc=None))
-                if res.rowcount:
-                    add_event(db, job_id, "status", status="failed", message=msg)
+                job_state.transition(db, job_id, "failed", expect="queued", message=msg, error=msg,
+                                     error_code="transient")
             return "failed"
         countdown = min(60, 2 ** self.request.retries)
         log.warning("job %s: %s; retrying in %s s", job_id, exc, countdown)

@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     TRANSIENT_RETRIES: int = 5
     WORKER_DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
     MIN_FREE_DISK_GB: float = 1.0
+    # a failed or cancelled job's stage files stay on its worker this long, for a retry to reuse (0: not kept)
+    RETRY_STATE_HOURS: float = 72.0
     RETENTION_DAYS: float = 0.0  # finished jobs older than this are deleted with their files by the sweep; 0 = kept
     ARTIFACT_MAX_BYTES: int = 0  # artifact store quota (bytes, all jobs together); 0 = only the disk's free space
     WATCHDOG_GRACE_S: float = 0.0  # stuck past JOB_TIMEOUT_S + this: fail the job, restart; 0 = max(60, 10%)

@@ -100,6 +100,13 @@ class JobCreate(Strict):
                                                         "signature with the secret, retried with backoff)")
 
 
+class JobRetry(Strict):
+    hf_token: HubToken | None = Field(None, max_length=1000,
+                                      json_schema_extra={"writeOnly": True, "pattern": TOKEN_PATTERN},
+                                      description="A Hub token for the new job (the old job's was deleted when it "
+                                                  "ended); needed when the job pushes or reads a gated model")
+
+
 class BudgetOut(BaseModel):
     avg_bits: float | None
     gb: float | None
@@ -118,6 +125,10 @@ class JobOut(BaseModel):
     model: str
     revision: str | None
     resolved_revision: str | None
+    retry_of: str | None = Field(None, description="The failed or cancelled job this one retries")
+    settings: dict[str, Any] = Field(default_factory=dict,
+                                     description='The job\'s settings document ({"version": 1, ...}: the engine '
+                                                 "config's field names); the fields below are views of it")
     budget: BudgetOut
     bits: list[int]
     sensitivity: str

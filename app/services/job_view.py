@@ -5,21 +5,23 @@ from __future__ import annotations
 
 from app.db.models import Job
 from app.schemas.jobs import BudgetOut, CalibrationIn, EvaluationIn, JobOut, PushOut
+from app.services.job_settings import check
 
 
 def job_out(job: Job) -> JobOut:
+    s = check(job.settings)
+    evaluation = None
+    if s["eval_file"] or s["eval_suites"]:
+        evaluation = EvaluationIn(file=s["eval_file"], samples=s["eval_samples"], suites=list(s["eval_suites"]),
+                                  suite_limit=s["eval_suite_limit"])
     return JobOut(
         id=job.id, status=job.status, stage=job.stage, progress=job.progress, model=job.model,
-        revision=job.revision, resolved_revision=job.resolved_revision,
-        budget=BudgetOut(avg_bits=job.budget_avg_bits, gb=job.budget_gb), bits=list(job.bits),
-        sensitivity=job.sensitivity, allocator=job.allocator, scope=job.scope, granularity=job.granularity,
-        quantizer=job.quantizer, group_size=job.group_size, symmetric=job.symmetric, probes=job.probes,
-        calibration=CalibrationIn(file=job.calib_file, samples=job.calib_samples, seq_len=job.seq_len),
-        evaluation=EvaluationIn(file=job.eval_file, samples=job.eval_samples,
-                                suites=list((job.options or {}).get("eval_suites") or []),
-                                suite_limit=(job.options or {}).get("eval_suite_limit"))
-        if job.eval_file or (job.options or {}).get("eval_suites") else None,
-        format=job.format, trust_remote_code=job.trust_remote_code,
+        revision=job.revision, resolved_revision=job.resolved_revision, retry_of=job.retry_of,
+        settings=job.settings, budget=BudgetOut(**s["budget"]), bits=list(s["bits"]),
+        sensitivity=s["sensitivity"], allocator=s["allocator"], scope=s["scope"], granularity=s["granularity"],
+        quantizer=s["quantizer"], group_size=s["group_size"], symmetric=s["symmetric"], probes=s["probes"],
+        calibration=CalibrationIn(file=s["calib_file"], samples=s["calib_samples"], seq_len=s["seq_len"]),
+        evaluation=evaluation, format=s["format"], trust_remote_code=s["trust_remote_code"],
         push=PushOut(repo_id=job.push_repo_id, private=job.push_private) if job.push_requested else None,
         cancel_requested=job.cancel_requested, attempts=job.attempts, queue=job.queue,
         est_memory_bytes=job.est_memory_bytes, error=job.error, error_code=job.error_code,

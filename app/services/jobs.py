@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -19,7 +20,7 @@ from app.core.security import Keyring
 from app.db.models import TERMINAL, ExpertAllocation, IdempotencyRecord, Job, JobWebhook, utcnow
 from app.schemas.estimate import EstimateIn
 from app.schemas.jobs import JobCreate
-from app.services import limits, queues, tenant_files
+from app.services import job_settings, job_state, limits, queues, tenant_files
 from app.services import models as model_svc
 from app.services.errors import ServiceError, from_user_error, not_found
 from app.services.events import add_event
@@ -162,19 +163,11 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
     need = queues.memory_needed(est, plan)
     queue = queues.pick(settings, need)
 
+    doc = job_settings.document(dataclasses.replace(cfg, calib_file=calib, eval_file=eval_file, seq_len=plan.seq_len))
     job = Job(
-        owner_key_id=who.key_id, status="queued", progress=0.0, model=body.model, model_source=ref.source,
+        owner_key_id=who.key_id, model=body.model, model_source=ref.source,
         model_path=str(ref.path) if ref.path else None, revision=body.revision,
-        resolved_revision=ck.revision if ref.source == "hub" else None,
-        budget_avg_bits=body.budget.avg_bits, budget_gb=body.budget.gb, bits=list(cfg.bits),
-        sensitivity=cfg.sensitivity, allocator=cfg.allocator, scope=cfg.scope, granularity=cfg.granularity,
-        quantizer=cfg.quantizer, group_size=cfg.group_size, symmetric=cfg.symmetric, probes=cfg.probes,
-        calib_file=calib, calib_samples=cfg.calib_samples, seq_len=plan.seq_len, eval_file=eval_file,
-        eval_samples=cfg.eval_samples, format=cfg.format, trust_remote_code=cfg.trust_remote_code,
-        options={"act_order": cfg.act_order, "low_memory": cfg.low_memory, "seed": cfg.seed, "cost": cfg.cost,
-                 "sequential": cfg.sequential,
-                 "eval_suites": list(cfg.eval_suites), "eval_suite_limit": cfg.eval_suite_limit,
-                 "calibration_estimate": plan.to_dict()},
+        resolved_revision=ck.revision if ref.source == "hub" else None, settings=doc,
         push_requested=body.push is not None, push_repo_id=body.push.repo_id if body.push else None,
         push_private=body.push.private if body.push else False,
         hf_token_enc=keyring.encrypt(token) if token else None,
@@ -183,9 +176,7 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
     try:
         with factory() as db, db.begin():
             limits.admit(db, who.key_id, who.max_concurrent_jobs)  # first: it takes the key's lock
-            db.add(job)
-            db.flush()
-            add_event(db, job.id, "status", status="queued", progress=0.0, message="job queued")
+            job_state.new_job(db, job)
             if hook is not None:
                 db.add(JobWebhook(job_id=job.id, url=hook.url, secret_enc=hook.secret_enc))
             if on_insert is not None:
@@ -203,6 +194,38 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
                 raise
             return _replay(rec, rhash)
     return Created(202, out, job.id, replayed=False, enqueue=True, queue=queue)
+
+
+RETRYABLE = ("failed", "cancelled")
+
+
+def retry_job(factory: sessionmaker[Session], keyring: Keyring, who: Principal, job_id: str,
+              token: str | None) -> Created:
+    """A failed or cancelled job again, as a new queued job with the same model (pinned to the same commit) and
+    settings document, linked by ``retry_of``; the worker reuses its finished stages where it still has them."""
+    with factory() as db:
+        old = get_owned(db, who, job_id)
+        if old.owner_key_id != who.key_id:
+            raise not_found()  # a job is retried by its owner only, admins included
+        if old.status not in RETRYABLE:
+            raise ServiceError(409, "not_retryable", f"job {old.id} is {old.status}; only a failed or cancelled job "
+                                                     "can be retried")
+        db.expunge(old)
+    if old.push_requested and not token:
+        raise ServiceError(422, "invalid_input", f"job {old.id} pushes to the Hub: send an hf_token for the retry "
+                                                 "(the old job's token was deleted when it ended)")
+    job = Job(owner_key_id=who.key_id, model=old.model, model_source=old.model_source, model_path=old.model_path,
+              revision=old.revision, resolved_revision=old.resolved_revision, settings=dict(old.settings),
+              retry_of=old.id, push_requested=old.push_requested, push_repo_id=old.push_repo_id,
+              push_private=old.push_private, hf_token_enc=keyring.encrypt(token) if token else None,
+              est_download_bytes=old.est_download_bytes, est_output_bytes=old.est_output_bytes,
+              est_memory_bytes=old.est_memory_bytes, queue=old.queue, timings={})
+    with factory() as db, db.begin():
+        limits.admit(db, who.key_id, who.max_concurrent_jobs)  # first: it takes the key's lock
+        job_state.new_job(db, job, message=f"job queued (retry of {old.id})")
+        out = job_out(job).model_dump(mode="json")
+    log.info("job %s retries job %s", job.id, old.id)
+    return Created(202, out, job.id, replayed=False, enqueue=True, queue=job.queue)
 
 
 def queue_of(factory: sessionmaker[Session], job_id: str) -> str | None:
@@ -237,15 +260,11 @@ def cancel_job(factory: sessionmaker[Session], who: Principal, job_id: str) -> J
         job = get_owned(db, who, job_id)
         if job.status in TERMINAL:
             raise ServiceError(409, "not_cancellable", f"job {job.id} already {job.status}")
-        now = utcnow()
-        done = db.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
-            status="cancelled", cancel_requested=True, finished_at=now, hf_token_enc=None, updated_at=now,
-            error="cancelled by the user before it started", error_code="cancelled"))
-        if done.rowcount == 1:
-            add_event(db, job.id, "status", status="cancelled", message="cancelled before it started")
-        else:
+        if not job_state.transition(db, job.id, "cancelled", expect="queued", message="cancelled before it started",
+                                    cancel_requested=True, error="cancelled by the user before it started",
+                                    error_code="cancelled"):
             db.execute(update(Job).where(Job.id == job.id, Job.status == "running").values(
-                cancel_requested=True, updated_at=now))
+                cancel_requested=True, updated_at=utcnow()))
             add_event(db, job.id, "log", message="cancel requested; the worker stops at its next check")
     with factory() as db:
         return get_owned(db, who, job_id)

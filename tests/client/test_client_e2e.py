@@ -17,7 +17,14 @@ from client_util import FAST, FAST_FLAGS, MODEL, REPO, Service
 from svc_util import free_port
 from typer.testing import CliRunner
 
-from mopeq_client import AsyncMopeqClient, ChecksumError, MopeqClient, NotFoundError, ValidationError
+from mopeq_client import (
+    AsyncMopeqClient,
+    ChecksumError,
+    ConflictError,
+    MopeqClient,
+    NotFoundError,
+    ValidationError,
+)
 from mopeq_client import cli as main_cli
 from mopeq_client.remote_cli import EXIT_CHECKSUM, EXIT_PPL_REGRESSION, EXIT_TIMEOUT
 
@@ -120,6 +127,13 @@ def test_idempotent_submit_timeout_cancel(service: Service, client: MopeqClient)
     assert r.exit_code == main_cli.EXIT_CANCELLED, r.output + service.log_tail()
     assert json.loads(r.stdout)["status"] == "cancelled"
 
+    # the SDK's retry: a new linked job with the same settings; a queued job cannot be retried
+    c = client.retry(a.id)
+    assert c.id != a.id and c.retry_of == a.id and c.settings == client.get(a.id).settings
+    with pytest.raises(ConflictError, match="only a failed or cancelled job"):
+        client.retry(c.id)
+    client.cancel(c.id)
+
 
 # ---- CLI: exit codes from real cases --------------------------------------------------------------------------------------
 def test_cli_submit_wait_json_in_a_subprocess(service: Service, done_job) -> None:
@@ -153,6 +167,11 @@ def test_cli_failed_job_exit_1(service: Service) -> None:
     assert r.exit_code == main_cli.EXIT_JOB_FAILED, r.output + service.log_tail()
     out = json.loads(r.stdout)
     assert out["status"] == "failed" and "seq-len" in out["error"] and out["outcome"]["exit_code"] == 1
+    # `mopeq retry`: the same inputs fail the same way, in a new job linked to the first
+    r = mopeq(service, "retry", out["id"], "--wait", "--no-progress", "--json")
+    assert r.exit_code == main_cli.EXIT_JOB_FAILED, r.output + service.log_tail()
+    again = json.loads(r.stdout)
+    assert again["retry_of"] == out["id"] and again["id"] != out["id"] and "seq-len" in again["error"]
 
 
 def test_cli_invalid_input_exit_2(service: Service) -> None:

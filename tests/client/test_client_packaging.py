@@ -112,5 +112,5 @@ def test_the_full_mopeq_command_has_quantize_the_remote_commands_and_admin() -> 
                        check=False)
     assert p.returncode == 0, p.stderr
     light, full = (set(ast.literal_eval(line)) for line in p.stdout.splitlines())
-    remote = {"submit", "status", "wait", "cancel", "delete", "bitmap", "estimate", "jobs", "download"}
+    remote = {"submit", "status", "wait", "cancel", "retry", "delete", "bitmap", "estimate", "jobs", "download"}
     assert light == remote and full == remote | {"quantize", "admin"}

@@ -193,12 +193,12 @@ def test_overlong_api_key_is_401(cluster: Cluster) -> None:
 def planted_job(cluster: Cluster) -> str:
     """A succeeded job (a row, not a run) with one real file, one artifact row whose name climbs out of the job's
     folder (as if the database had been tampered with) and a symlink in its folder that points outside the store."""
+    from svc_util import planted_settings
+
     from app.db.models import Artifact, Job
 
     with cluster.factory() as db, db.begin():
-        job = Job(owner_key_id="bootstrap", model="m", bits=[2, 4], sensitivity="frequency", allocator="knapsack",
-                  scope="model", granularity="expert", quantizer="rtn", group_size=64, probes=1, calib_samples=1,
-                  seq_len=8, eval_samples=1, format="mopeq", options={}, timings={}, budget_avg_bits=3.0,
+        job = Job(owner_key_id="bootstrap", model="m", settings=planted_settings(), timings={},
                   status="succeeded", model_source="local")
         db.add(job)
         db.flush()

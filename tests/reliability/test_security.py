@@ -181,6 +181,7 @@ ROUTES = {
     ("POST", "/v1/jobs"): USER, ("GET", "/v1/jobs"): USER, ("POST", "/v1/estimate"): USER,
     ("GET", "/v1/jobs/{job_id}"): OWNED_JOB, ("DELETE", "/v1/jobs/{job_id}"): OWNED_JOB,
     ("POST", "/v1/jobs/{job_id}/cancel"): OWNED_JOB,
+    ("POST", "/v1/jobs/{job_id}/retry"): OWNED_JOB,
     ("GET", "/v1/jobs/{job_id}/events"): OWNED_JOB, ("GET", "/v1/jobs/{job_id}/bitmap"): OWNED_JOB,
     ("GET", "/v1/jobs/{job_id}/allocations"): OWNED_JOB, ("GET", "/v1/jobs/{job_id}/artifacts"): OWNED_JOB,
     ("GET", "/v1/jobs/{job_id}/artifacts/{name}"): OWNED_JOB, ("GET", "/v1/jobs/{job_id}/webhooks"): OWNED_JOB,
@@ -206,12 +207,12 @@ def test_every_route_has_a_scope() -> None:
 
 
 def _plant_job(cl: Cluster, owner: str) -> str:
+    from svc_util import planted_settings
+
     from app.db.models import Artifact, Job
 
     with cl.factory() as db, db.begin():
-        job = Job(owner_key_id=owner, model="m", bits=[2, 4], sensitivity="frequency", allocator="knapsack",
-                  scope="model", granularity="expert", quantizer="rtn", group_size=64, probes=1, calib_samples=1,
-                  seq_len=8, eval_samples=1, format="mopeq", options={}, timings={}, budget_avg_bits=3.0,
+        job = Job(owner_key_id=owner, model="m", settings=planted_settings(), timings={},
                   status="succeeded", model_source="local")
         db.add(job)
         db.flush()

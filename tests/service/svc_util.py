@@ -224,3 +224,12 @@ def auth(key: str = BOOT_KEY) -> dict[str, str]:
 
 def http(base: str) -> httpx.Client:
     return httpx.Client(base_url=base, timeout=30)
+
+
+def planted_settings() -> dict[str, Any]:
+    """The settings document of a job row a test writes directly (a small, fast job)."""
+    from app.services import job_settings
+    from mopeq_core.config import QuantizeConfig
+
+    return job_settings.document(QuantizeConfig(model="m", bits=(2, 4), sensitivity="frequency", quantizer="rtn",
+                                                group_size=64, probes=1, calib_samples=1, seq_len=8, eval_samples=1))

@@ -328,3 +328,33 @@ def test_openapi_documents_errors_and_hides_the_token(api: Api) -> None:
         if path.startswith("/v1/"):
             for op in ops.values():
                 assert "401" in op["responses"], path
+
+
+def test_retry_makes_a_linked_job_with_the_same_settings(api: Api) -> None:
+    old = api.submit(calibration={"samples": 3, "seq_len": 24}).json()
+    r = api.c.post(f"/v1/jobs/{old['id']}/retry", headers=auth())
+    assert r.status_code == 409 and r.json()["code"] == "not_retryable"  # queued
+    assert api.c.post(f"/v1/jobs/{old['id']}/cancel", headers=auth()).json()["status"] == "cancelled"
+    other = api.key("not-the-owner")
+    assert api.c.post(f"/v1/jobs/{old['id']}/retry", headers=auth(other)).status_code == 404
+    before = api.queued_messages()
+    r = api.c.post(f"/v1/jobs/{old['id']}/retry", headers=auth())
+    assert r.status_code == 202, r.text
+    new = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{new['id']}" and api.queued_messages() == before + 1
+    assert (new["status"], new["retry_of"], new["model"]) == ("queued", old["id"], old["model"])
+    assert new["id"] != old["id"] and new["settings"] == old["settings"]
+    assert new["settings"]["version"] == 1 and new["settings"]["calib_samples"] == 3
+    assert new["calibration"] == old["calibration"] == {"file": None, "samples": 3, "seq_len": 24}
+    with api.engine.connect() as conn:
+        msgs = conn.execute(select(JobEvent.message).where(JobEvent.job_id == new["id"])).scalars().all()
+    assert msgs == [f"job queued (retry of {old['id']})"]
+    # a job that pushes needs a new token (the old one was wiped when it ended)
+    pushing = api.submit(hf_token=HF_TOKEN, push={"repo_id": "tester/x"}).json()
+    api.c.post(f"/v1/jobs/{pushing['id']}/cancel", headers=auth())
+    r = api.c.post(f"/v1/jobs/{pushing['id']}/retry", headers=auth())
+    assert r.status_code == 422 and "hf_token" in r.json()["detail"]
+    r = api.c.post(f"/v1/jobs/{pushing['id']}/retry", json={"hf_token": HF_TOKEN}, headers=auth())
+    assert r.status_code == 202 and r.json()["push"] == {"repo_id": "tester/x", "private": False}
+    for j in (new, r.json()):
+        api.c.post(f"/v1/jobs/{j['id']}/cancel", headers=auth())

@@ -21,6 +21,7 @@ from svc_util import (
     Proc,
     auth,
     migrate,
+    planted_settings,
     reset_pg,
     service_env,
     settings_from_env,
@@ -151,9 +152,7 @@ def test_concurrent_claims_have_one_winner(cluster: Cluster) -> None:
     from worker.recovery import claim
 
     with cluster.factory() as db, db.begin():
-        job = Job(owner_key_id="bootstrap", model="m", bits=[2, 4], sensitivity="frequency", allocator="knapsack",
-                  scope="model", granularity="expert", quantizer="rtn", group_size=64, probes=1, calib_samples=1,
-                  seq_len=8, eval_samples=1, format="mopeq", options={}, timings={}, budget_avg_bits=3.0,
+        job = Job(owner_key_id="bootstrap", model="m", settings=planted_settings(), timings={},
                   enqueued_at=utcnow())
         db.add(job)
     barrier = threading.Barrier(8)
@@ -183,10 +182,7 @@ def test_orphans_are_resumed_then_failed(cluster: Cluster) -> None:
         db.add(Worker(id="ghost:1:x", hostname="elsewhere", pid=1, queue="q", heartbeat_at=long_ago))
         ids = []
         for recoveries in (0, cluster.settings.MAX_RECOVERIES):
-            job = Job(owner_key_id="bootstrap", model="m", bits=[2, 4], sensitivity="frequency",
-                      allocator="knapsack", scope="model", granularity="expert", quantizer="rtn", group_size=64,
-                      probes=1, calib_samples=1, seq_len=8, eval_samples=1, format="mopeq", options={}, timings={},
-                      budget_avg_bits=3.0, status="running", worker_id="ghost:1:x", heartbeat_at=long_ago,
+            job = Job(owner_key_id="bootstrap", model="m", settings=planted_settings(), timings={}, status="running", worker_id="ghost:1:x", heartbeat_at=long_ago,
                       attempts=recoveries + 1, recoveries=recoveries)
             db.add(job)
             db.flush()

@@ -159,9 +159,13 @@ def test_cancel_mid_run_cleans_files(server: Server) -> None:
     assert r.status_code == 202 and r.json()["cancel_requested"] is True
     done = wait_status(lambda: server.job(job["id"]), ("cancelled", "succeeded", "failed"), 60)
     assert done["status"] == "cancelled", done
-    assert not work.exists() and not (server.home / ".mopeq" / "artifacts" / job["id"]).exists()
+    # only the stage files stay, for a retry (MOPEQ_RETRY_STATE_HOURS); no artifact is left
+    assert [p.name for p in work.iterdir()] == ["state"]
+    assert not (server.home / ".mopeq" / "artifacts" / job["id"]).exists()
     assert server.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
     assert server.get(f"/v1/jobs/{job['id']}/allocations").json() == []
+    assert server.c.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    wait_until(lambda: not work.exists(), 30, "the worker's sweep to remove a deleted job's stage files")
 
 
 def test_push_and_the_token_appears_nowhere(server: Server, hub) -> None:

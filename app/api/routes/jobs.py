@@ -19,7 +19,16 @@ from app.api.deps import DB, CurrentPrincipal, Factory, KeyringDep, SettingsDep
 from app.core.celery_conf import enqueue
 from app.db.models import TERMINAL, ApiKey, Artifact, Job, utcnow
 from app.schemas.common import error_responses
-from app.schemas.jobs import AllocationOut, ArtifactOut, JobCreate, JobEventOut, JobList, JobOut, JobStatus
+from app.schemas.jobs import (
+    AllocationOut,
+    ArtifactOut,
+    JobCreate,
+    JobEventOut,
+    JobList,
+    JobOut,
+    JobRetry,
+    JobStatus,
+)
 from app.services import jobs as svc
 from app.services.errors import ServiceError
 from app.services.events import events_after
@@ -42,6 +51,23 @@ def submit_job(request: Request, body: JobCreate, who: CurrentPrincipal, factory
                keyring: KeyringDep,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
     created = svc.create_job(factory, settings, keyring, who, body, idempotency_key)
+    return _accepted(request, factory, settings, created)
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobOut,
+             responses=error_responses(*AUTH_ERRORS, 404, 409, 422),
+             summary="Retry a failed or cancelled job as a new job",
+             description="The new job (`retry_of` = this job) has the same model, commit and settings; it reuses "
+                         "the finished stages of this job where its worker still has them and the inputs are "
+                         "unchanged. 409 for a job that is not failed or cancelled.")
+def retry_job(request: Request, job_id: str, who: CurrentPrincipal, factory: Factory, settings: SettingsDep,
+              keyring: KeyringDep, body: JobRetry | None = None) -> JSONResponse:
+    token = body.hf_token.get_secret_value() if body is not None and body.hf_token else None
+    return _accepted(request, factory, settings, svc.retry_job(factory, keyring, who, job_id, token))
+
+
+def _accepted(request: Request, factory: Factory, settings: SettingsDep, created: svc.Created) -> JSONResponse:
+    """202 with the new job; it is published to the broker after its row was committed."""
     headers = {"Location": f"/v1/jobs/{created.job_id}"}
     if created.replayed:
         headers["Idempotent-Replayed"] = "true"
