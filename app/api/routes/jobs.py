@@ -55,7 +55,7 @@ def submit_job(request: Request, body: JobCreate, who: CurrentPrincipal, factory
 
 
 @router.post("/{job_id}/retry", status_code=202, response_model=JobOut,
-             responses=error_responses(*AUTH_ERRORS, 404, 409, 422),
+             responses=error_responses(400, *AUTH_ERRORS, 404, 409, 413, 422, 503),
              summary="Retry a failed or cancelled job as a new job",
              description="The new job (`retry_of` = this job) has the same model, commit and settings; it reuses "
                          "the finished stages of this job where its worker still has them and the inputs are "
