@@ -15,12 +15,14 @@ from app.api.routes import admin, estimate, health, hooks, jobs, watches
 from app.core.bodylimit import BodyLimitMiddleware
 from app.core.celery_conf import make_celery
 from app.core.config import Settings, get_settings
-from app.core.metrics import Metrics
+from app.core.metrics import Metrics, RequestCounter
 from app.core.security import Keyring, redact
-from app.db.session import make_engine, make_sessionmaker
+from app.db.session import AsyncReads, make_engine, make_sessionmaker
 from app.schemas.common import document_errors
 from app.schemas.jobs import state_server_bounds
 from app.services.errors import ServiceError
+from app.services.job_reads import SqliteReads
+from app.services.keys import PrincipalCache
 from app.services.ratelimit import RateLimiter
 from app.services.streams import StreamSlots
 
@@ -29,6 +31,11 @@ log = logging.getLogger("mopeq.api")
 DESCRIPTION = """Quantization-as-a-service for Mixture-of-Experts models (MoPEQ: per-expert mixed precision).
 
 Authenticate with `Authorization: Bearer <api key>`. Every error is `{"detail": ..., "code": ...}`."""
+
+
+# FastAPI's own OpenTelemetry hooks look up the global providers on every request; this service exports Prometheus
+# metrics (/metrics) and no traces, so they stay off (bench/bench_api.py's constant app runs with the same setting).
+TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
 def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None,
@@ -62,16 +69,20 @@ def _client_went_away(exc: BaseException) -> bool:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
-    app = FastAPI(title="MoPEQ service", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="MoPEQ service", version="0.1.0", description=DESCRIPTION, telemetry=TELEMETRY_OFF)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)  # JSON 413s, chunked bodies too
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    app.state.async_reads = AsyncReads(settings.database_url) if AsyncReads.supports(settings.database_url) else None
+    app.state.sqlite_reads = SqliteReads(app.state.engine) if app.state.engine.dialect.name == "sqlite" else None
     app.state.keyring = Keyring(settings.secret_key())
     app.state.celery = make_celery(settings, main="mopeq-api")
-    app.state.ratelimiter = RateLimiter()
-    app.state.streams = StreamSlots()
+    app.state.principals = PrincipalCache(settings.AUTH_CACHE_TTL_S)
+    app.state.ratelimiter = RateLimiter(settings.redis_url, settings.REDIS_KEY_PREFIX)
+    app.state.streams = StreamSlots(settings.redis_url, settings.REDIS_KEY_PREFIX)
     app.state.metrics = Metrics(app.state)
+    app.add_middleware(RequestCounter, counter=app.state.metrics.requests)  # outermost of ours: counts 413s too
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -112,14 +123,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _error(499, "client_closed", "client closed the connection")
         log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, redact(str(exc))[:500])
         return _error(500, "internal", "internal server error")
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        app.state.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
-                                          str(response.status_code)).inc()
-        return response
 
     app.include_router(health.router)
     app.include_router(jobs.router, prefix="/v1")

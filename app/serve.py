@@ -19,8 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from app.core.config import get_settings
+from app.core.lifeline import PARENT_ENV
 from app.core.security import install_log_redaction
 from app.services.queues import queue_names
 
@@ -38,8 +40,11 @@ class WorkerSupervisor:
         self.thread.start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # Its own session: a Ctrl-C in the terminal reaches the API only; we stop the worker ourselves.
-        return subprocess.Popen([sys.executable, "-m", self.module], env=self.env, start_new_session=True)
+        # Its own session: a Ctrl-C in the terminal reaches the API only; we stop the worker ourselves. If this
+        # process dies without stopping it (SIGKILL, a crash), the child ends too: MOPEQ_PARENT_PID makes it call
+        # app.core.lifeline.die_with_parent(), which ties it to this thread (it lives as long as the child).
+        env = {**self.env, PARENT_ENV: str(os.getpid())}
+        return subprocess.Popen([sys.executable, "-m", self.module], env=env, start_new_session=True)
 
     def _run(self) -> None:
         backoff = 1.0
@@ -69,6 +74,14 @@ class WorkerSupervisor:
                         self.index, timeout)
             p.kill()
             p.wait()
+
+
+def uvicorn_config(app: Any, host: str, port: int) -> Any:
+    """The API's uvicorn settings (also used by bench/bench_api.py's constant app, so both run alike): uvloop and
+    httptools when installed (``loop="auto"``/``http="auto"`` pick them), no access log."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         hooks = WorkerSupervisor(0, env, module="worker.webhooks")  # outgoing webhooks, on their own queue
         hooks.start()
         supervisors.append(hooks)
-    config = uvicorn.Config(app, host=settings.HOST, port=settings.PORT, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings.HOST, settings.PORT))
     log.info("MoPEQ API on http://%s:%d (broker %s, artifacts %s)", settings.HOST, settings.PORT,
              "filesystem" if settings.broker_is_filesystem else settings.broker_url.split("@")[-1],
              settings.ARTIFACT_STORE or settings.artifact_dir)

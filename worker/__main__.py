@@ -11,6 +11,8 @@ import os
 import socket
 import sys
 
+from app.core.lifeline import die_with_parent
+
 
 def _take_queue(argv: list[str]) -> tuple[str | None, list[str]]:
     rest, queue, i = [], None, 0
@@ -59,6 +61,7 @@ def resolve_queue(queue: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()  # started by `make serve`: end with it, however it ends (app.core.lifeline)
     queue, rest = _take_queue(list(sys.argv[1:] if argv is None else argv))
     name = resolve_queue(queue)
     from worker.celery_app import celery_app

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.celery_conf import make_celery
 from app.core.config import Settings, get_settings
+from app.core.lifeline import die_with_parent
 from app.core.security import Keyring, install_log_redaction
 from app.db.session import make_engine, make_sessionmaker
 from app.services import webhooks as svc
@@ -136,6 +137,7 @@ def _shutting_down(**_kw):
 
 
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()  # started by `make serve`: end with it, however it ends (app.core.lifeline)
     s = get_settings()
     args = ["worker", "--pool=threads", f"--concurrency={max(1, s.WEBHOOK_CONCURRENCY)}",
             f"--queues={s.WEBHOOK_QUEUE}", "--without-mingle", "--without-gossip", "--without-heartbeat",

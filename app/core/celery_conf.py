@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from app.core.config import Settings
+from app.core.lifeline import PARENT_ENV, die_with_parent
 
 TASK_NAME = "mopeq.run_job"
 
@@ -63,3 +65,11 @@ def enqueue(celery: Celery, settings: Settings, job_id: str, queue: str | None =
     celery.send_task(TASK_NAME, args=[job_id], queue=queue or settings.QUEUE, retry=True,
                      retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
                                    "interval_max": 1.0})
+
+
+@signals.worker_process_init.connect
+def _pool_process_follows_its_worker(**_kw: Any) -> None:
+    # A pool process a worker forks (a prefork pool passed on the command line) ends with that worker, as the worker
+    # ends with `make serve` (app.core.lifeline); the default solo and thread pools fork nothing.
+    if os.environ.get(PARENT_ENV):
+        die_with_parent(os.getppid())

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
 
     # Per API key (a key row may override): requests per minute and queued+running jobs.
     RATE_LIMIT_PER_MINUTE: int = 120
+    # Redis that API processes share rate limits and event-stream slots through (docs/SCALING.md); unset: the
+    # broker's Redis when MOPEQ_BROKER_URL is redis://, else each process counts on its own (the embedded default).
+    REDIS_URL: str = ""
+    # Seconds a verified API key is remembered by an API process: a key revoked through another process (or the
+    # admin CLI) is refused by this one at most this long after; the process that revokes it forgets it at once.
+    AUTH_CACHE_TTL_S: float = 5.0
     MAX_CONCURRENT_JOBS: int = 4
     MAX_BODY_BYTES: int = 1 << 20
 
@@ -147,6 +153,13 @@ class Settings(BaseSettings):
     @property
     def broker_is_filesystem(self) -> bool:
         return self.broker_url.startswith("filesystem:")
+
+    @property
+    def redis_url(self) -> str | None:
+        """The Redis shared by API processes (MOPEQ_REDIS_URL, else a redis:// broker), or None."""
+        if self.REDIS_URL.strip():
+            return self.REDIS_URL.strip()
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else None
 
     @property
     def broker_dir(self) -> Path:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db.models import JOB_STATUSES, Job
 from app.services.queues import queue_names
@@ -92,3 +93,30 @@ class Metrics:
         self.registry.register(_DbCollector(app_state))
         self.requests = Counter("mopeq_http_requests", "HTTP requests", ["method", "route", "status"],
                                 registry=self.registry)
+
+
+class RequestCounter:
+    """Counts responses by method, route template and status as a pure ASGI middleware: it only watches the
+    response's start message, so the body passes through untouched (no BaseHTTPMiddleware task and stream per
+    request). An exception that escapes the app is counted as a 500."""
+
+    def __init__(self, app: ASGIApp, counter: Counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = scope.get("route")
+            self.counter.labels(scope["method"], getattr(route, "path", "unmatched"), str(status)).inc()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlalchemy import select
 
 from app.api.deps import DB, AdminPrincipal, Factory, KeyringDep
@@ -37,12 +37,13 @@ def list_keys(who: AdminPrincipal, db: DB) -> list[KeyOut]:
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut, responses=error_responses(401, 403, 404, 429))
-def revoke_key(key_id: str, who: AdminPrincipal, factory: Factory) -> KeyOut:
+def revoke_key(key_id: str, who: AdminPrincipal, factory: Factory, request: Request) -> KeyOut:
     with factory() as db, db.begin():
         row = db.get(ApiKey, key_id)
         if row is None:
             raise not_found("key")
         row.revoked_at = row.revoked_at or utcnow()
+    request.app.state.principals.forget(key_id)  # refused by this process at once (others: MOPEQ_AUTH_CACHE_TTL_S)
     return _out(row)
 
 

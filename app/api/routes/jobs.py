@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,8 +32,9 @@ from app.schemas.jobs import (
 from app.services import jobs as svc
 from app.services.errors import ServiceError
 from app.services.events import events_after
+from app.services.job_reads import read_owned, read_owned_async
 from app.services.storage import get_store
-from app.services.streams import StreamSlots
+from app.services.streams import Slot, StreamSlots
 
 log = logging.getLogger("mopeq.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -55,7 +56,7 @@ def submit_job(request: Request, body: JobCreate, who: CurrentPrincipal, factory
 
 
 @router.post("/{job_id}/retry", status_code=202, response_model=JobOut,
-             responses=error_responses(400, *AUTH_ERRORS, 404, 409, 413, 422),
+             responses=error_responses(400, *AUTH_ERRORS, 404, 409, 413, 422, 503),
              summary="Retry a failed or cancelled job as a new job",
              description="The new job (`retry_of` = this job) has the same model, commit and settings; it reuses "
                          "the finished stages of this job where its worker still has them and the inputs are "
@@ -103,8 +104,20 @@ OwnedJob = Annotated[Job, Depends(owned_job)]
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(*AUTH_ERRORS, 404))
-def get_job(job: OwnedJob) -> JobOut:
-    return svc.job_out(job)
+async def get_job(job_id: str, who: CurrentPrincipal, request: Request) -> Response:
+    # The hottest route, with no thread hop and no ORM session (app.services.job_reads): authentication is cached on
+    # the event loop (deps.current_principal); PostgreSQL is read through the async driver; SQLite inline, since a
+    # read by primary key in WAL mode is never blocked by a writer and costs less than handing it to a thread.
+    # pydantic writes the JSON directly (no second validation by response_model).
+    state = request.app.state
+    if state.async_reads is not None:
+        job = await read_owned_async(state.async_reads.engine(), who, job_id)
+    elif state.sqlite_reads is not None:
+        job = state.sqlite_reads.read_owned(who, job_id)
+    else:
+        with state.engine.connect() as conn:
+            job = read_owned(conn, who, job_id)
+    return Response(svc.job_out(job).model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
@@ -115,25 +128,26 @@ def cancel_job(job_id: str, who: CurrentPrincipal, factory: Factory) -> JobOut:
     return svc.job_out(svc.cancel_job(factory, who, job_id))
 
 
-def event_stream(request: Request, who: CurrentPrincipal, settings: SettingsDep,
-                 poll: Annotated[float, Query(gt=0, le=10, description="Seconds between database reads while "
-                                              "nothing happens; at least MOPEQ_SSE_MIN_POLL_S")] = 0.5
-                 ) -> Iterator[float]:
-    """One of the key's stream slots (at most MOPEQ_SSE_MAX_STREAMS_PER_KEY open at once, in this API process),
-    held until the response has been sent; yields the poll interval."""
+async def event_stream(request: Request, who: CurrentPrincipal, settings: SettingsDep,
+                       poll: Annotated[float, Query(gt=0, le=10, description="Seconds between database reads while "
+                                                    "nothing happens; at least MOPEQ_SSE_MIN_POLL_S")] = 0.5
+                       ) -> AsyncIterator[Slot]:
+    """One of the key's stream slots (at most MOPEQ_SSE_MAX_STREAMS_PER_KEY open at once, over every API process
+    when Redis is configured: app.services.streams), held until the response has been sent."""
     if poll < settings.SSE_MIN_POLL_S:
         raise ServiceError(422, "limit_exceeded", f"poll {poll:g} s is below this server's floor of "
                                                   f"{settings.SSE_MIN_POLL_S:g} s (MOPEQ_SSE_MIN_POLL_S); poll less "
                                                   "often: events are pushed as they happen anyway")
     slots: StreamSlots = request.app.state.streams
-    if not slots.acquire(who.key_id, settings.SSE_MAX_STREAMS_PER_KEY):
+    slot = await slots.acquire(who.key_id, settings.SSE_MAX_STREAMS_PER_KEY, poll)
+    if slot is None:
         raise ServiceError(429, "too_many_streams",
                            f"this key already has {settings.SSE_MAX_STREAMS_PER_KEY} open event streams "
                            "(MOPEQ_SSE_MAX_STREAMS_PER_KEY); close one first", headers={"Retry-After": "5"})
     try:
-        yield poll
+        yield slot
     finally:
-        slots.release(who.key_id)
+        await slots.release(slot)
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
@@ -144,7 +158,7 @@ def event_stream(request: Request, who: CurrentPrincipal, settings: SettingsDep,
                                             "is revoked."}},
             summary="Follow a job's events (SSE), resuming after Last-Event-ID")
 async def job_events(request: Request, job: OwnedJob, who: CurrentPrincipal, factory: Factory,
-                     poll: Annotated[float, Depends(event_stream, scope="request")],
+                     slot: Annotated[Slot, Depends(event_stream, scope="request")],
                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                      after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None,
                      ) -> AsyncIterator[ServerSentEvent]:
@@ -179,8 +193,9 @@ async def job_events(request: Request, job: OwnedJob, who: CurrentPrincipal, fac
             return
         if await request.is_disconnected():
             return
+        await slot.keep()
         if not evs:
-            await anyio.sleep(poll)
+            await anyio.sleep(slot.poll)
 
 
 @router.delete("/{job_id}", status_code=204, responses=error_responses(*AUTH_ERRORS, 404, 409),
