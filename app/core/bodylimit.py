@@ -2,7 +2,10 @@
 
 A declared ``Content-Length`` over the limit is answered at once with the API's JSON error (413 ``too_large``),
 without reading the body; a body without one (chunked) is counted while it is read and refused the moment it passes
-the limit, so the server never buffers more than the limit. (Starlette's own limiter answers plain text.)"""
+the limit, so the server never buffers more than the limit. (Starlette's own limiter answers plain text.)
+
+Request headers over ``MAX_HEADER_BYTES`` in all are answered 431: uvicorn's httptools parser (the fast one the
+service runs) sets no bound of its own, unlike h11's."""
 
 from __future__ import annotations
 
@@ -10,6 +13,16 @@ import json
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+MAX_HEADER_BYTES = 64 * 1024  # every header name and value together; browsers and proxies send far less
+
+
+async def _refuse(send: Send, status: int, detail: str, code: str) -> None:
+    body = json.dumps({"detail": detail, "code": code}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -23,19 +36,20 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = None
+        declared, header_bytes = None, 0
         for k, v in scope.get("headers", ()):
+            header_bytes += len(k) + len(v)
             if k == b"content-length":
                 try:
                     declared = int(v)
                 except ValueError:
                     declared = None
+        if header_bytes > MAX_HEADER_BYTES:
+            await _refuse(send, 431, f"the request headers are over the limit of {MAX_HEADER_BYTES} bytes",
+                          "headers_too_large")
+            return
         if declared is not None and declared > self.max_bytes:
-            body = json.dumps({"detail": self._message(), "code": "too_large"}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            await _refuse(send, 413, self._message(), "too_large")
             return
         total = 0
 

@@ -175,18 +175,19 @@ def test_cli_failed_job_exit_1(service: Service) -> None:
 
 
 def test_cli_invalid_input_exit_2(service: Service) -> None:
-    r = mopeq(service, "submit", MODEL, *FAST_FLAGS[:-2], "--avg-bits", "1.5", "--json")  # infeasible: 422
+    # a budget the schema admits but this model cannot meet: 422 from the estimate, with the feasible range
+    r = mopeq(service, "submit", MODEL, *FAST_FLAGS[:-2], "--budget-gb", "0.000001", "--json")
     assert r.exit_code == main_cli.EXIT_INVALID, r.output
     err = json.loads(r.stdout)["error"]
     assert err["status"] == 422 and err["code"] == "infeasible_budget" and "feasible range" in err["message"]
-    assert err["feasible"]["min"] == 2
+    assert 0.000001 < err["feasible"]["min"] < err["feasible"]["max"]
     r = mopeq(service, "submit", MODEL, "--quantizer", "nope")  # schema: 422
     assert r.exit_code == main_cli.EXIT_INVALID and "quantizer" in r.stderr
     r = mopeq(service, "submit", MODEL, "--avg-bits", "3", "--budget-gb", "1")  # local check
     assert r.exit_code == main_cli.EXIT_INVALID
     r = mopeq(service, "status", "no-such-job")
     assert r.exit_code == main_cli.EXIT_INVALID and "no such job" in r.stderr
-    r = mopeq(service, "estimate", MODEL, "--avg-bits", "1.5")
+    r = mopeq(service, "estimate", MODEL, "--budget-gb", "0.000001")
     assert r.exit_code == main_cli.EXIT_INVALID and "infeasible" in r.stdout
 
 

@@ -186,6 +186,7 @@ ROUTES = {
     ("GET", "/v1/jobs/{job_id}/allocations"): OWNED_JOB, ("GET", "/v1/jobs/{job_id}/artifacts"): OWNED_JOB,
     ("GET", "/v1/jobs/{job_id}/artifacts/{name}"): OWNED_JOB, ("GET", "/v1/jobs/{job_id}/webhooks"): OWNED_JOB,
     ("POST", "/v1/admin/keys"): ADMIN, ("GET", "/v1/admin/keys"): ADMIN, ("DELETE", "/v1/admin/keys/{key_id}"): ADMIN,
+    ("PATCH", "/v1/admin/keys/{key_id}"): ADMIN,
     ("POST", "/v1/watches"): USER, ("GET", "/v1/watches"): USER,
     ("GET", "/v1/watches/{watch_id}"): OWNED_WATCH, ("DELETE", "/v1/watches/{watch_id}"): OWNED_WATCH,
     ("POST", "/v1/hooks/hub"): SECRET,
