@@ -11,17 +11,18 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.job_read_lane import JobReadLane
 from app.api.routes import admin, estimate, health, hooks, jobs, watches
 from app.core.bodylimit import BodyLimitMiddleware
 from app.core.celery_conf import make_celery
 from app.core.config import Settings, get_settings
 from app.core.metrics import Metrics, RequestCounter
 from app.core.security import Keyring, redact
-from app.db.session import AsyncReads, make_engine, make_sessionmaker
+from app.db.session import make_engine, make_sessionmaker
 from app.schemas.common import document_errors
 from app.schemas.jobs import state_server_bounds
-from app.services.errors import ServiceError
-from app.services.job_reads import SqliteReads
+from app.services.errors import ServiceError, database_unavailable, error_response
+from app.services.job_reads import job_reader
 from app.services.keys import PrincipalCache
 from app.services.ratelimit import RateLimiter
 from app.services.streams import StreamSlots
@@ -36,12 +37,6 @@ Authenticate with `Authorization: Bearer <api key>`. Every error is `{"detail": 
 # FastAPI's own OpenTelemetry hooks look up the global providers on every request; this service exports Prometheus
 # metrics (/metrics) and no traces, so they stay off (bench/bench_api.py's constant app runs with the same setting).
 TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
-
-
-def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None,
-           **extra: Any) -> JSONResponse:
-    body = {"detail": detail, "code": code, **extra}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -70,12 +65,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
     app = FastAPI(title="MoPEQ service", version="0.1.0", description=DESCRIPTION, telemetry=TELEMETRY_OFF)
+    app.add_middleware(JobReadLane, route=jobs.read_route())  # GET /v1/jobs/{id} without routing (inside the limits: 431s still apply)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)  # JSON 413s, chunked bodies too
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
-    app.state.async_reads = AsyncReads(settings.database_url) if AsyncReads.supports(settings.database_url) else None
-    app.state.sqlite_reads = SqliteReads(app.state.engine) if app.state.engine.dialect.name == "sqlite" else None
+    app.state.job_reader = job_reader(app.state.engine)
     app.state.keyring = Keyring(settings.secret_key())
     app.state.celery = make_celery(settings, main="mopeq-api")
     app.state.principals = PrincipalCache(settings.AUTH_CACHE_TTL_S)
@@ -86,43 +81,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.detail, exc.headers, **exc.extra)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _clean_errors(list(exc.errors()))
         if any(e["type"] in ("json_invalid", "json_type") for e in errors):
-            return _error(400, "malformed_json", "the request body is not valid JSON: "
+            return error_response(400, "malformed_json", "the request body is not valid JSON: "
                           + _validation_message(errors), errors=errors)
-        return _error(422, "invalid_request", _validation_message(errors), errors=errors)
+        return error_response(422, "invalid_request", _validation_message(errors), errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
             exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(OperationalError)
     async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
         log.error("database error on %s: %s", request.url.path, redact(str(exc.orig))[:500])
-        return _error(503, "database_unavailable", "the database is unavailable; retry later",
-                      {"Retry-After": "5"})
+        return database_unavailable().response()
 
     @app.exception_handler(DataError)
     async def _bad_data(request: Request, exc: DataError) -> JSONResponse:
         # The database refused a value taken from the request (PostgreSQL: a NUL character in a path, query or body
         # string, a string longer than its column): bad input, not a server fault. The value is not echoed.
         log.info("database refused a request value on %s: %s", request.url.path, type(exc.orig).__name__)
-        return _error(422, "invalid_request", "a value in the request cannot be stored or searched (NUL characters "
-                      "are not allowed in text)")
+        return error_response(422, "invalid_request", "a value in the request cannot be stored or searched (NUL "
+                              "characters are not allowed in text)")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         if _client_went_away(exc):  # an SSE client disconnected mid-stream: nothing to answer, nothing wrong
             log.debug("client disconnected from %s", request.url.path)
-            return _error(499, "client_closed", "client closed the connection")
+            return error_response(499, "client_closed", "client closed the connection")
         log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, redact(str(exc))[:500])
-        return _error(500, "internal", "internal server error")
+        return error_response(500, "internal", "internal server error")
 
     app.include_router(health.router)
     app.include_router(jobs.router, prefix="/v1")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -83,17 +84,15 @@ def _authenticate(settings: Settings, keyring: Keyring, factory: sessionmaker[Se
                      row.max_concurrent_jobs or settings.MAX_CONCURRENT_JOBS)
 
 
-async def current_principal(
-    request: Request,
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Principal:
-    """Async on purpose: a key verified within MOPEQ_AUTH_CACHE_TTL_S costs one HMAC on the event loop (no thread
-    hop, no database read); only a key not in the cache waits for the database (in the thread pool)."""
-    state = request.app.state
-    if creds is None or not creds.credentials:
+async def authenticate(state: Any, presented: str | None) -> Principal:
+    """The principal of the API key ``presented`` (the bearer token), with the key's rate limit applied; raises the
+    401 or 429 ``ServiceError``. Async on purpose: a key verified within MOPEQ_AUTH_CACHE_TTL_S costs one HMAC on
+    the event loop (no thread hop, no database read); only a key not in the cache waits for the database (in the
+    thread pool). ``state`` is the application's state."""
+    if not presented:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>' (create one with "
                             "'mopeq admin create-key')")
-    presented = creds.credentials.strip()
+    presented = presented.strip()
     if len(presented) > 300:
         raise _unauthorized("invalid API key")
     digest = state.keyring.hash_key(presented)
@@ -106,8 +105,20 @@ async def current_principal(
         raise ServiceError(429, "rate_limited",
                            f"rate limit of {who.rate_limit_per_minute} requests per minute reached; retry in {wait} s",
                            headers={"Retry-After": str(wait)})
-    request.state.principal = who
     return who
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, parsed as ``HTTPBearer`` parses it."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    return token if authorization and scheme.lower() == "bearer" and token else None
+
+
+async def current_principal(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    return await authenticate(request.app.state, creds.credentials if creds is not None else None)
 
 
 async def require_admin(who: Annotated[Principal, Depends(current_principal)]) -> Principal:

@@ -3,14 +3,12 @@ share one file."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -61,30 +59,3 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on error."""
     with factory() as session, session.begin():
         yield session
-
-
-class AsyncReads:
-    """PostgreSQL through psycopg's async driver (SQLAlchemy's asyncio extension), for the hottest read: no thread
-    hop per request. One engine per event loop, since an async connection belongs to the loop that opened it (the
-    server runs one loop; FastAPI's TestClient runs one per client)."""
-
-    POOL_SIZE = 10
-
-    def __init__(self, url: str):
-        self.url = make_url(url).set(drivername="postgresql+psycopg")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._engine: AsyncEngine | None = None
-
-    @staticmethod
-    def supports(url: str) -> bool:
-        return make_url(url).get_backend_name() == "postgresql"
-
-    def engine(self) -> AsyncEngine:
-        loop = asyncio.get_running_loop()
-        if self._engine is None or loop is not self._loop:
-            self._loop = loop
-            # No overflow: under load, requests wait for one of the pooled connections instead of opening and
-            # closing a connection apiece (measured: that churn was a quarter of the request's CPU).
-            self._engine = create_async_engine(self.url, pool_pre_ping=True, pool_size=self.POOL_SIZE,
-                                               max_overflow=0)
-        return self._engine

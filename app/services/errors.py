@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 from app.services.tenant_files import PathRefused
 from mopeq_core.errors import (
     InfeasibleBudgetError,
@@ -17,12 +19,28 @@ from mopeq_core.errors import (
 
 
 class ServiceError(Exception):
+    """An error answered as ``{"detail": ..., "code": ..., **extra}`` with ``status`` (``response()``)."""
+
     def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None,
                  extra: dict[str, Any] | None = None):
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
         self.headers = headers or {}
         self.extra = extra or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.detail, self.headers, **self.extra)
+
+
+def error_response(status: int, code: str, detail: Any, headers: dict[str, str] | None = None,
+                   **extra: Any) -> JSONResponse:
+    """Every error the API answers has this body."""
+    return JSONResponse({"detail": detail, "code": code, **extra}, status_code=status, headers=headers)
+
+
+def database_unavailable() -> ServiceError:
+    return ServiceError(503, "database_unavailable", "the database is unavailable; retry later",
+                        headers={"Retry-After": "5"})
 
 
 _CODES: list[tuple[type[Exception], str]] = [

@@ -7,6 +7,12 @@ from app.db.models import Job
 from app.schemas.jobs import BudgetOut, CalibrationIn, EvaluationIn, JobOut, PushOut
 from app.services.job_settings import check
 
+# Every column job_out reads: the job read path (app.services.job_reads) loads only these.
+VIEW_COLUMNS = ("id", "status", "stage", "progress", "model", "revision", "resolved_revision", "retry_of", "settings",
+                "push_repo_id", "push_private", "push_requested", "cancel_requested", "attempts", "queue",
+                "est_memory_bytes", "error", "error_code", "timings", "result", "created_at", "started_at",
+                "finished_at")
+
 
 def job_out(job: Job) -> JobOut:
     s = check(job.settings)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
 
@@ -32,7 +33,7 @@ from app.schemas.jobs import (
 from app.services import jobs as svc
 from app.services.errors import ServiceError
 from app.services.events import events_after
-from app.services.job_reads import read_owned, read_owned_async
+from app.services.job_reads import JobReader
 from app.services.storage import get_store
 from app.services.streams import Slot, StreamSlots
 
@@ -105,19 +106,15 @@ OwnedJob = Annotated[Job, Depends(owned_job)]
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(*AUTH_ERRORS, 404))
 async def get_job(job_id: str, who: CurrentPrincipal, request: Request) -> Response:
-    # The hottest route, with no thread hop and no ORM session (app.services.job_reads): authentication is cached on
-    # the event loop (deps.current_principal); PostgreSQL is read through the async driver; SQLite inline, since a
-    # read by primary key in WAL mode is never blocked by a writer and costs less than handing it to a thread.
-    # pydantic writes the JSON directly (no second validation by response_model).
-    state = request.app.state
-    if state.async_reads is not None:
-        job = await read_owned_async(state.async_reads.engine(), who, job_id)
-    elif state.sqlite_reads is not None:
-        job = state.sqlite_reads.read_owned(who, job_id)
-    else:
-        with state.engine.connect() as conn:
-            job = read_owned(conn, who, job_id)
-    return Response(svc.job_out(job).model_dump_json(), media_type="application/json")
+    # The hottest route: authentication is cached on the event loop (deps.current_principal), and the reader chosen
+    # at start-up answers the job's JSON from one SELECT without a thread hop (app.services.job_reads).
+    reader: JobReader = request.app.state.job_reader
+    return Response(await reader.body(who, job_id), media_type="application/json")
+
+
+def read_route() -> APIRoute:
+    """``get_job``'s route: app.api.job_read_lane answers it before routing."""
+    return next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is get_job)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
