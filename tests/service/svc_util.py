@@ -233,3 +233,11 @@ def planted_settings() -> dict[str, Any]:
 
     return job_settings.document(QuantizeConfig(model="m", bits=(2, 4), sensitivity="frequency", quantizer="rtn",
                                                 group_size=64, probes=1, calib_samples=1, seq_len=8, eval_samples=1))
+
+
+def seed_key(conn: Any, key_id: str = "k1", name: str = "old") -> None:
+    """An API key row written with raw SQL, as a schema older than the models would hold it (migration tests)."""
+    from sqlalchemy import text
+
+    conn.execute(text("INSERT INTO api_keys (id, name, key_hash, scope, created_at) "
+                      "VALUES (:id, :name, 'h', 'user', '2026-01-01 00:00:00')"), {"id": key_id, "name": name})

@@ -14,7 +14,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
-from svc_util import PG_ADMIN_URL, _pg_admin
+from svc_util import PG_ADMIN_URL, _pg_admin, seed_key
 
 from app.db.migrate import downgrade, upgrade
 from app.db.models import Base
@@ -59,8 +59,7 @@ def test_0002_keeps_existing_rows_and_downgrades_to_0001(db_url: str) -> None:
     try:
         assert not (TABLES_0002 & set(inspect(eng).get_table_names()))
         with eng.begin() as conn:
-            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, scope, created_at) "
-                              "VALUES ('k1', 'old', 'h', 'user', '2026-01-01 00:00:00')"))
+            seed_key(conn)
         upgrade(db_url, "0002")
         assert TABLES <= set(inspect(eng).get_table_names())
         with eng.begin() as conn:
@@ -127,8 +126,7 @@ def test_0006_converts_settings_both_ways(db_url: str) -> None:
     eng = create_engine(db_url)
     try:
         with eng.begin() as conn:
-            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, scope, created_at) "
-                              "VALUES ('k1', 'old', 'h', 'user', '2026-01-01 00:00:00')"))
+            seed_key(conn)
             for job_id, row in OLD_ROWS.items():
                 values = dict(zip([c.strip() for c in OLD_COLUMNS.split(",")], row, strict=True))
                 values.update(bits=json.dumps(values["bits"]), options=json.dumps(values["options"]))
@@ -163,5 +161,25 @@ def test_0006_converts_settings_both_ways(db_url: str) -> None:
                                     "eval_suites", "eval_suite_limit", "low_memory", "seed"}
         upgrade(db_url)
         assert _docs(eng) == DOCS
+    finally:
+        eng.dispose()
+
+
+def test_0006b_adds_the_quota_column_to_existing_keys_and_downgrades(db_url: str) -> None:
+    upgrade(db_url, "0006")
+    eng = create_engine(db_url)
+    try:
+        with eng.begin() as conn:
+            seed_key(conn)
+        upgrade(db_url, "0006b")
+        with eng.begin() as conn:
+            row = conn.execute(text("SELECT name, storage_quota_bytes FROM api_keys WHERE id = 'k1'")).one()
+            assert tuple(row) == ("old", None)  # existing keys: no quota
+            conn.execute(text("UPDATE api_keys SET storage_quota_bytes = 5000000000000 WHERE id = 'k1'"))  # > 2**32
+            assert conn.execute(text("SELECT storage_quota_bytes FROM api_keys")).scalar_one() == 5_000_000_000_000
+        downgrade(db_url, "0006")
+        assert "storage_quota_bytes" not in {c["name"] for c in inspect(eng).get_columns("api_keys")}
+        with eng.connect() as conn:
+            assert conn.execute(text("SELECT name FROM api_keys WHERE id = 'k1'")).scalar_one() == "old"
     finally:
         eng.dispose()

@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 from svc_util import BOOT_KEY, FAST_JOB, auth, migrate, reset_pg, service_env, settings_from_env
-from test_svc_migrations import db_url as migration_db  # noqa: F401 - fixture: a fresh SQLite or PostgreSQL db
 
 from app.db.models import Artifact, Job
 from app.main import create_app
@@ -256,33 +255,6 @@ def test_sdk_sends_the_new_knobs(client: tuple[TestClient, Any], model_root: Pat
     assert (shown["probe_tol"], shown["cost"], shown["sequential"], shown["calibration"]["all_experts"]) == (
         0.25, "weight", False, True)
     c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth())
-
-
-@pytest.mark.parametrize("migration_db", ["sqlite", "postgresql"], indirect=True)
-def test_0006b_adds_the_quota_column_to_existing_keys_and_downgrades(migration_db: str) -> None:  # noqa: F811
-    db_url = migration_db
-    from sqlalchemy import inspect, text
-
-    from app.db.migrate import downgrade, upgrade
-
-    upgrade(db_url, "0006")
-    eng = create_engine(db_url)
-    try:
-        with eng.begin() as conn:
-            conn.execute(text("INSERT INTO api_keys (id, name, key_hash, scope, created_at) "
-                              "VALUES ('k1', 'old', 'h', 'user', '2026-01-01 00:00:00')"))
-        upgrade(db_url, "0006b")
-        with eng.begin() as conn:
-            row = conn.execute(text("SELECT name, storage_quota_bytes FROM api_keys WHERE id = 'k1'")).one()
-            assert tuple(row) == ("old", None)  # existing keys: no quota
-            conn.execute(text("UPDATE api_keys SET storage_quota_bytes = 5000000000000 WHERE id = 'k1'"))  # > 2**32
-            assert conn.execute(text("SELECT storage_quota_bytes FROM api_keys")).scalar_one() == 5_000_000_000_000
-        downgrade(db_url, "0006")
-        assert "storage_quota_bytes" not in {c["name"] for c in inspect(eng).get_columns("api_keys")}
-        with eng.connect() as conn:
-            assert conn.execute(text("SELECT name FROM api_keys WHERE id = 'k1'")).scalar_one() == "old"
-    finally:
-        eng.dispose()
 
 
 def test_admin_cli_sets_the_quota(tmp_path: Path, model_root: Path) -> None:
