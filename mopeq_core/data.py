@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import CalibrationDataError
+from .formats import has_image_lines
 from .samples import IGNORE_INDEX, SampleSet, _targets  # noqa: F401  (IGNORE_INDEX, SampleSet: public here too)
 
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib_default.txt"
@@ -137,12 +138,6 @@ def read_records(path: str | Path | None) -> list[dict[str, Any]]:
     return records
 
 
-def has_images(path: str | Path | None) -> bool:
-    if not path or Path(path).suffix != ".jsonl":
-        return False
-    return any(r["image"] is not None for r in read_records(path))
-
-
 def load_samples(path: str | Path | None, tokenizer, n_samples: int, seq_len: int, *, processor=None,
                  offset: int = 0):
     """Calibration/evaluation samples from ``path`` (None: the built-in calibration text).
@@ -152,7 +147,7 @@ def load_samples(path: str | Path | None, tokenizer, n_samples: int, seq_len: in
     text-only examples), each text cut to ``seq_len`` tokens. Raises CalibrationDataError when the data has images
     and the model has no image processor.
     """
-    if not has_images(path):
+    if not has_image_lines(path):
         return token_samples(tokenizer, read_texts(path), n_samples, seq_len, offset=offset)
     if processor is None:
         raise CalibrationDataError(

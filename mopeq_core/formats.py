@@ -6,7 +6,9 @@ API calls :func:`check_config` at submit, so a job that could only fail later is
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ExportError, UserInputError
@@ -96,14 +98,40 @@ def auto_samples_error(rows_per_batch: int = CALIB_BATCH) -> UserInputError:
                           f"least {auto_min_samples(rows_per_batch)} calibration samples (or pick a method)")
 
 
+def has_image_lines(path: str | Path | None) -> bool:
+    """A .jsonl calibration file with ``"image"`` lines: image+text data, batched one example at a time. Lines that
+    do not parse are left to the data loader, which reports them with their line number."""
+    if not path or Path(path).suffix != ".jsonl":
+        return False
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("image") is not None:
+            return True
+    return False
+
+
+def calib_rows_per_batch(calib_file: str | Path | None) -> int:
+    """Rows of one calibration batch of the engine: one image+text example, or CALIB_BATCH token windows."""
+    return 1 if has_image_lines(calib_file) else CALIB_BATCH
+
+
 def check_config(cfg: Any) -> None:
     """Every refusal the configuration alone decides, beyond the ranges of ``QuantizeConfig.validate``: the export
     format against the widths and granularity, a --low-memory run against what streaming cannot do, and
-    ``--sensitivity auto`` against fewer calibration samples than two text batches (the engine needs fewer for
-    image+text data, one example per batch; this model-independent bound is the one the web API states)."""
+    ``--sensitivity auto`` against fewer calibration samples than its two batches hold (the engine's rule: one
+    example per batch for image+text data, ``calib_file`` being the resolved path)."""
     if cfg.format not in ("mopeq", "fake"):
         precheck(cfg.format, cfg)
     if cfg.low_memory:
         check_streamed(cfg, "--low-memory")
-    if cfg.sensitivity == "auto" and cfg.calib_samples < auto_min_samples():
-        raise auto_samples_error()
+    if cfg.sensitivity == "auto":
+        rows = calib_rows_per_batch(cfg.calib_file)
+        if cfg.calib_samples < auto_min_samples(rows):
+            raise auto_samples_error(rows)

@@ -141,9 +141,9 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
 
     # Everything is checked before anything is written.
     cfg = quantize_config(body)
-    refusals.check_job(cfg)  # what the engine would refuse once running, refused now
     ref = model_svc.resolve_model(body.model, settings)
     calib = _data_file(body.calibration.file, settings, "calibration file")
+    refusals.check_job(dataclasses.replace(cfg, calib_file=calib))  # what the engine would refuse once running
     eval_file = _data_file(body.evaluation.file if body.evaluation else None, settings, "evaluation file")
     token = body.hf_token.get_secret_value() if body.hf_token else None
     if body.push is not None and not token:

@@ -12,8 +12,7 @@ from mopeq_core.formats import check_config
 
 
 def check_job(cfg: QuantizeConfig) -> None:
-    """One model-independent rule for every job (so that the schema can state it): ``sensitivity: auto`` needs the
-    calibration samples of two text batches, image+text models included."""
+    """``cfg.calib_file`` is the resolved calibration path (image+text data needs fewer samples for ``auto``)."""
     try:
         check_config(cfg)
     except UserInputError as exc:

@@ -141,6 +141,27 @@ def test_what_the_rules_allow_is_accepted(client: tuple[TestClient, Any], model_
         c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth())
 
 
+def test_auto_minimum_follows_the_calibration_data(client: tuple[TestClient, Any], model_root: Path) -> None:
+    """``sensitivity: auto`` fills two calibration batches: 8 token windows each for text, one example each for
+    image+text data (the engine's rule, mopeq_core.formats.calib_rows_per_batch), so the submit minimum is 9 or 2."""
+    c, settings = client
+    data = model_root / "auto-data"
+    data.mkdir(exist_ok=True)
+    (data / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the submit rule reads the .jsonl only
+    (data / "pairs.jsonl").write_text("\n".join(json.dumps({"image": "cat.png", "text": f"a cat, {i}"})
+                                                for i in range(3)) + "\n")
+    (data / "text.jsonl").write_text("\n".join(json.dumps({"text": f"a line, {i}"}) for i in range(3)) + "\n")
+    auto = {"sensitivity": "auto"}
+    r = _submit(c, model_root, **auto, calibration={"file": str(data / "pairs.jsonl"), "samples": 2, "seq_len": 16})
+    assert r.status_code == 202, r.text
+    c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth())
+    before = _jobs(settings)
+    for file, samples, least in (("pairs.jsonl", 1, 2), ("text.jsonl", 8, 9)):
+        r = _submit(c, model_root, **auto, calibration={"file": str(data / file), "samples": samples, "seq_len": 16})
+        assert r.status_code == 422 and f"at least {least} calibration samples" in r.json()["detail"], r.text
+    assert _jobs(settings) == before
+
+
 def test_openapi_states_the_rules_and_this_servers_bounds(client: tuple[TestClient, Any]) -> None:
     c, _ = client
     spec = c.get("/openapi.json").json()
