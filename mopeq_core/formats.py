@@ -117,21 +117,20 @@ def has_image_lines(path: str | Path | None) -> bool:
     return False
 
 
-def calib_rows_per_batch(calib_file: str | Path | None) -> int:
-    """Rows of one calibration batch of the engine: one image+text example, or CALIB_BATCH token windows."""
-    return 1 if has_image_lines(calib_file) else CALIB_BATCH
+def calib_rows_per_batch(calib_file: str | Path | None, image_processor: bool) -> int:
+    """Rows of one calibration batch of the engine: one example for image+text data (a .jsonl with ``"image"``
+    lines) on a model with an image processor, else CALIB_BATCH token windows."""
+    return 1 if image_processor and has_image_lines(calib_file) else CALIB_BATCH
 
 
-def check_config(cfg: Any) -> None:
+def check_config(cfg: Any, rows_per_batch: int = CALIB_BATCH) -> None:
     """Every refusal the configuration alone decides, beyond the ranges of ``QuantizeConfig.validate``: the export
     format against the widths and granularity, a --low-memory run against what streaming cannot do, and
-    ``--sensitivity auto`` against fewer calibration samples than its two batches hold (the engine's rule: one
-    example per batch for image+text data, ``calib_file`` being the resolved path)."""
+    ``--sensitivity auto`` against fewer calibration samples than fill its folds at ``rows_per_batch`` rows a batch
+    (``calib_rows_per_batch``: the engine's rule)."""
     if cfg.format not in ("mopeq", "fake"):
         precheck(cfg.format, cfg)
     if cfg.low_memory:
         check_streamed(cfg, "--low-memory")
-    if cfg.sensitivity == "auto":
-        rows = calib_rows_per_batch(cfg.calib_file)
-        if cfg.calib_samples < auto_min_samples(rows):
-            raise auto_samples_error(rows)
+    if cfg.sensitivity == "auto" and cfg.calib_samples < auto_min_samples(rows_per_batch):
+        raise auto_samples_error(rows_per_batch)

@@ -27,6 +27,7 @@ from app.services.events import add_event
 from app.services.job_view import job_out
 from mopeq_core.config import Budget, QuantizeConfig
 from mopeq_core.errors import UserInputError
+from mopeq_core.formats import calib_rows_per_batch
 
 log = logging.getLogger("mopeq.api")
 
@@ -141,9 +142,11 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
 
     # Everything is checked before anything is written.
     cfg = quantize_config(body)
+    # what the engine would refuse once running, refused now; the auto-samples bound at its lowest (image+text data,
+    # one example a batch) until the model and the data are known below
+    refusals.check_job(cfg, rows_per_batch=1)
     ref = model_svc.resolve_model(body.model, settings)
     calib = _data_file(body.calibration.file, settings, "calibration file")
-    refusals.check_job(dataclasses.replace(cfg, calib_file=calib))  # what the engine would refuse once running
     eval_file = _data_file(body.evaluation.file if body.evaluation else None, settings, "evaluation file")
     token = body.hf_token.get_secret_value() if body.hf_token else None
     if body.push is not None and not token:
@@ -155,6 +158,8 @@ def create_job(factory: sessionmaker[Session], settings: Settings, keyring: Keyr
         hook = prepare(body.webhook, settings, keyring)
     ck = model_svc.inspect(ref, settings, revision=body.revision, token=token,
                            trust_remote_code=body.trust_remote_code)
+    image_processor = bool({"processor_config.json", "preprocessor_config.json"} & set(ck.files))
+    refusals.check_job(cfg, calib_rows_per_batch(calib, image_processor))  # the engine's model-aware bound
     est = model_svc.estimate(ck, bits=list(cfg.bits), group_size=cfg.group_size, symmetric=cfg.symmetric)
     try:
         est.check_budget(avg_bits=body.budget.avg_bits, gb=body.budget.gb)

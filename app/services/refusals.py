@@ -8,12 +8,13 @@ from __future__ import annotations
 from app.services.errors import from_user_error
 from mopeq_core.config import QuantizeConfig
 from mopeq_core.errors import UserInputError
-from mopeq_core.formats import check_config
+from mopeq_core.formats import CALIB_BATCH, check_config
 
 
-def check_job(cfg: QuantizeConfig) -> None:
-    """``cfg.calib_file`` is the resolved calibration path (image+text data needs fewer samples for ``auto``)."""
+def check_job(cfg: QuantizeConfig, rows_per_batch: int = CALIB_BATCH) -> None:
+    """The engine's rules for this job; ``sensitivity: auto`` needs the calibration samples that fill its folds at
+    ``rows_per_batch`` rows a batch (``mopeq_core.formats.calib_rows_per_batch``)."""
     try:
-        check_config(cfg)
+        check_config(cfg, rows_per_batch)
     except UserInputError as exc:
         raise from_user_error(exc) from exc

@@ -141,24 +141,47 @@ def test_what_the_rules_allow_is_accepted(client: tuple[TestClient, Any], model_
         c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth())
 
 
-def test_auto_minimum_follows_the_calibration_data(client: tuple[TestClient, Any], model_root: Path) -> None:
-    """``sensitivity: auto`` fills two calibration batches: 8 token windows each for text, one example each for
-    image+text data (the engine's rule, mopeq_core.formats.calib_rows_per_batch), so the submit minimum is 9 or 2."""
+@pytest.fixture(scope="module")
+def vlm_root(model_root: Path) -> Path:
+    """A tiny Qwen3-VL-MoE (image processor included) and the shipped image+text calibration set, under the root."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import vlm_models as vm
+
+    root = model_root / "vlm-auto"
+    if not root.exists():
+        root.mkdir()
+        vm.build_qwen3_vl_moe(root)
+        shutil.copytree(vm.VLM_DATA, root / "data")
+    return root
+
+
+def test_auto_minimum_follows_the_model_and_data(client: tuple[TestClient, Any], model_root: Path,
+                                                 vlm_root: Path) -> None:
+    """The engine cross-fits auto on two batches: one image+text example each on a VLM, eight text windows each on
+    a text model, so a VLM with image data and 2..8 samples runs (and is accepted) where a text MoE is refused."""
     c, settings = client
-    data = model_root / "auto-data"
-    data.mkdir(exist_ok=True)
-    (data / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the submit rule reads the .jsonl only
-    (data / "pairs.jsonl").write_text("\n".join(json.dumps({"image": "cat.png", "text": f"a cat, {i}"})
-                                                for i in range(3)) + "\n")
-    (data / "text.jsonl").write_text("\n".join(json.dumps({"text": f"a line, {i}"}) for i in range(3)) + "\n")
-    auto = {"sensitivity": "auto"}
-    r = _submit(c, model_root, **auto, calibration={"file": str(data / "pairs.jsonl"), "samples": 2, "seq_len": 16})
+    calib = str(vlm_root / "data" / "calib.jsonl")
+    auto = {"sensitivity": "auto", "calibration": {"samples": 2, "seq_len": 16, "file": calib}}
+    r = c.post("/v1/jobs", json={**FAST_JOB, "model": str(vlm_root / "qwen3_vl_moe"), **auto}, headers=auth())
     assert r.status_code == 202, r.text
     c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth())
     before = _jobs(settings)
-    for file, samples, least in (("pairs.jsonl", 1, 2), ("text.jsonl", 8, 9)):
-        r = _submit(c, model_root, **auto, calibration={"file": str(data / file), "samples": samples, "seq_len": 16})
-        assert r.status_code == 422 and f"at least {least} calibration samples" in r.json()["detail"], r.text
+    for model, data in (("tiny-moe", calib), ("tiny-moe", None)):  # text MoE: image data or not, 9 samples
+        body = {**auto, "calibration": {**auto["calibration"], "file": data}}
+        r = c.post("/v1/jobs", json={**FAST_JOB, "model": str(model_root / model), **body}, headers=auth())
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "invalid_input" and "at least 9 calibration samples" in r.json()["detail"], r.text
+    # a VLM given text-only data cuts text batches: the text bound holds for it too
+    r = c.post("/v1/jobs", json={**FAST_JOB, "model": str(vlm_root / "qwen3_vl_moe"),
+                                 "sensitivity": "auto", "calibration": {"samples": 2, "seq_len": 16}}, headers=auth())
+    assert r.status_code == 422 and "at least 9 calibration samples" in r.json()["detail"], r.text
+    # fewer than two examples is refused on every model
+    r = c.post("/v1/jobs", json={**FAST_JOB, "model": str(vlm_root / "qwen3_vl_moe"),
+                                 **{**auto, "calibration": {**auto["calibration"], "samples": 1}}}, headers=auth())
+    assert r.status_code == 422 and "at least 2 calibration samples" in r.json()["detail"], r.text
     assert _jobs(settings) == before
 
 
