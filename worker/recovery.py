@@ -182,7 +182,7 @@ def prune_work_dirs(ctx: WorkerContext, now: dt.datetime) -> int:
         return 0
     cutoff = now - dt.timedelta(hours=ctx.settings.RETRY_STATE_HOURS)
     with ctx.factory() as db:
-        rows = dict(db.execute(select(Job.id, Job.finished_at).where(Job.id.in_(names))).tuples().all())
+        rows = dict(db.execute(select(Job.id, Job.finished_at).where(Job.id.in_(names))).all())
     gone = [n for n in names if n not in rows or (rows[n] is not None and rows[n] < cutoff)]
     for name in gone:
         shutil.rmtree(root / name, ignore_errors=True)
