@@ -8,7 +8,7 @@ database, that answers a job's JSON bytes. The ownership rule is ``jobs.get_owne
   key. Only a changed row pays for conversion, ``JobOut`` and JSON.
 - The driver: SQLite through one sqlite3 connection kept for it (a read by primary key in WAL mode is never
   blocked by a writer and costs less than a thread hop); PostgreSQL through psycopg's async pool (no ORM, no
-  thread); any other database through the SQLAlchemy engine in a worker thread."""
+  thread). The service runs on these two only."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 from sqlalchemy import JSON, Engine, Text, bindparam, cast, inspect, select
 from sqlalchemy.exc import InvalidRequestError
 
@@ -148,31 +147,9 @@ class _PostgresFetch:
         return None
 
 
-class _EngineFetch:
-    """Any other database: a connection of the engine's pool, in a worker thread (it blocks)."""
-
-    def __init__(self, engine: Engine):
-        self._engine, compiled = engine, _SELECT.compile(dialect=engine.dialect)
-        self._sql, self._order = str(compiled), compiled.positiontup if engine.dialect.positional else None
-
-    def _read(self, job_id: str) -> tuple[Any, ...] | None:
-        params: Any = {"job_id": job_id}
-        if self._order is not None:
-            params = tuple(params[k] for k in self._order)
-        conn = self._engine.raw_connection()
-        try:
-            cur = conn.cursor()
-            cur.execute(self._sql, params)
-            row = cur.fetchone()
-        finally:
-            conn.close()
-        return None if row is None else tuple(row)
-
-    async def __call__(self, job_id: str) -> tuple[Any, ...] | None:
-        return await anyio.to_thread.run_sync(self._read, job_id)
-
-
 def job_reader(engine: Engine) -> JobReader:
     """The reader for this engine's database."""
-    fetch = {"sqlite": _SqliteFetch, "postgresql": _PostgresFetch}.get(engine.dialect.name, _EngineFetch)(engine)
-    return JobReader(engine, fetch)
+    fetches = {"sqlite": _SqliteFetch, "postgresql": _PostgresFetch}
+    if engine.dialect.name not in fetches:
+        raise ValueError(f"MOPEQ_DATABASE_URL: the service runs on SQLite or PostgreSQL, not {engine.dialect.name}")
+    return JobReader(engine, fetches[engine.dialect.name](engine))
